@@ -1,0 +1,79 @@
+"""Fields every run has. A model config starts from ``base()`` and fills ``model``.
+
+Everything a run depends on is here and visible; nothing is read from the
+environment behind the user's back. Sizes are global (the whole job), never
+per device.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- model: config.model.name selects the method (trainers/method.py METHODS).
+    c.model = ml_collections.ConfigDict()
+    c.model.name = ""
+
+    # --- data (trainers/data.py)
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist_embedded"  # "mnist_embedded" | "folder" | any TFDS name, e.g. "imagenet2012"
+    c.data.split = "train"
+    c.data.data_dir = ""  # TFDS data_dir ("" = TFDS default)
+    c.data.folder = ""  # for name="folder": root with one subfolder per class
+    c.data.cache_dir = "data_cache"  # where embedded/folder data is built once into ArrayRecord
+    c.data.image_size = 32  # ADM center crop to this size
+    c.data.channels = 1  # 1 (grayscale) or 3 (RGB); images are converted to this
+    c.data.num_classes = 10
+    c.data.random_flip = True
+    c.data.num_workers = 0  # grain worker processes per host (0 = in-process)
+    c.data.prefetch = 2
+    # Train on cached tokenizer latents instead of pixels (trainers/cache_latents.py):
+    c.data.latents = ""  # path of a latent cache; "" = pixels
+    c.data.latent_scale = 1.0  # multiply sampled latents (e.g. 0.2325 for MAR KL-16)
+
+    # --- mesh (trainers/sharding.py): -1 fills with the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # --- optimisation (trainers/train.py)
+    c.batch_size = 256  # global
+    c.num_steps = 1000
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4  # peak learning rate
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    # "constant" | "warmup_constant" | "cosine" | "warmup_cosine" | "warmup_constant_cosine"
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.optim.constant_steps = 0  # warmup_constant_cosine: steps at peak before the cosine
+    c.optim.min_lr = 0.0
+    c.ema_rate = 0.9999
+    c.compute_dtype = "float32"  # "float32" | "bfloat16" (params stay float32)
+
+    # --- bookkeeping
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_last = 3  # keep-last-N checkpoints
+    c.keep_every = 0  # and every K-th step forever (0 = off)
+    c.sample_every = 0  # write a sample grid to TensorBoard every N steps (0 = at the end only)
+    c.num_grid_samples = 16
+    c.profile = False  # capture a profile of a few steps (clu periodic_actions.Profile)
+
+    # --- sampling (trainers/sample.py and the loop's grids); method-specific knobs live here too.
+    c.sample = ml_collections.ConfigDict()
+    c.sample.use_ema = True
+    c.sample.cfg_scale = 1.0
+    c.sample.num_steps = 50
+
+    # --- periodic evaluation (eval/): FID/IS on a sample budget; 0 disables.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0
+    c.eval.num_samples = 0
+    c.eval.ref = ""  # reference statistics .npz ("" = computed from the training data)
+    return c

@@ -1,0 +1,142 @@
+"""One command for every model in the zoo: import upstream checkpoints, check golden fixtures.
+
+    python -m trainers.convert check PATH/TO/NAME.npz
+    python -m trainers.convert import KIND SRC.pt --out=DIR [--config=configs/x.py:arg --config.a=b]
+
+``check`` reads ``NAME.json`` beside the ``.npz``, looks up its ``kind``,
+builds the model from the JSON's recorded configuration, converts
+``param/``/``buffer/`` with the same converter ``import`` uses, runs the call on
+the ``in/`` arrays and compares every ``out/`` array with
+``max|ours - ref| <= 1e-4 * max(1, max|ref|)`` (integer outputs exactly).
+
+A kind lives in the module that defines its network. That module provides
+``FIXTURE_CHECKS[kind](meta, params, buffers, inputs) -> {out_name: array}``
+and, for checkpoints a user can import, ``IMPORTERS[kind](state_dict, config)
+-> params`` (a pure dict for the method's model).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# kind -> module that implements it (imported lazily).
+KINDS: dict[str, str] = {
+    "dit": "models.dit",
+    "sit": "models.dit",
+    "xar_net": "models.xar",
+    "xar_kvcache_step": "models.xar",
+    "kl16_vae": "tokenizers.kl_vae",
+    "tokenbridge_quant": "pallas_kernels.dimwise_quant",
+}
+
+RELATIVE_TOLERANCE = 1e-4
+
+
+def _module_for(kind: str):
+    if kind not in KINDS:
+        raise SystemExit(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+    return importlib.import_module(KINDS[kind])
+
+
+def load_fixture(npz_path: str | Path):
+    """(meta, params, buffers, inputs, outputs) of a golden fixture."""
+    npz_path = Path(npz_path)
+    json_path = npz_path.with_suffix(".json")
+    if not npz_path.exists():
+        raise FileNotFoundError(f"fixture not found: {npz_path}")
+    if not json_path.exists():
+        raise FileNotFoundError(f"fixture metadata not found: {json_path} (must sit beside {npz_path.name})")
+    meta = json.loads(json_path.read_text())
+    groups: dict[str, dict[str, np.ndarray]] = {"param": {}, "buffer": {}, "in": {}, "out": {}}
+    with np.load(npz_path, allow_pickle=False) as data:
+        for key in data.files:
+            group, _, name = key.partition("/")
+            if group not in groups:
+                raise ValueError(f"{npz_path}: array {key!r} is not under param/, buffer/, in/ or out/")
+            groups[group][name] = data[key]
+    return meta, groups["param"], groups["buffer"], groups["in"], groups["out"]
+
+
+def compare(name: str, ours, ref) -> tuple[bool, str]:
+    ours = np.asarray(ours)
+    ref = np.asarray(ref)
+    if ours.shape != ref.shape:
+        return False, f"{name}: shape {ours.shape} != reference {ref.shape}"
+    if np.issubdtype(ref.dtype, np.integer) or ref.dtype == np.bool_:
+        mismatches = int(np.sum(ours.astype(np.int64) != ref.astype(np.int64)))
+        return mismatches == 0, f"{name}: {mismatches} of {ref.size} integer entries differ"
+    err = float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+    bound = RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(ref))) if ref.size else 0.0)
+    ok = bool(np.isfinite(err) and err <= bound)
+    return ok, f"{name}: max|ours-ref| = {err:.3e} (bound {bound:.3e})"
+
+
+def check(npz_path: str | Path, verbose: bool = True) -> bool:
+    meta, params, buffers, inputs, outputs = load_fixture(npz_path)
+    kind = meta.get("kind")
+    module = _module_for(kind)
+    checks = getattr(module, "FIXTURE_CHECKS", {})
+    if kind not in checks:
+        raise SystemExit(f"{KINDS[kind]} has no fixture check for kind {kind!r}")
+    ours = checks[kind](meta, params, buffers, inputs)
+    all_ok = True
+    for name in sorted(outputs):
+        if name not in ours:
+            all_ok = False
+            if verbose:
+                print(f"FAIL {name}: not produced by the port")
+            continue
+        ok, line = compare(name, ours[name], outputs[name])
+        all_ok &= ok
+        if verbose:
+            print(("ok   " if ok else "FAIL ") + line)
+    if verbose:
+        print(f"{Path(npz_path).name} (kind {kind}): {'PASS' if all_ok else 'FAIL'}")
+    return all_ok
+
+
+def import_checkpoint(kind: str, src: str, out: str, config) -> Path:
+    """Convert an upstream checkpoint into an orbax checkpoint in workdir ``out``."""
+    from trainers import checkpoint, torchfile
+
+    module = _module_for(kind)
+    importers = getattr(module, "IMPORTERS", {})
+    if kind not in importers:
+        raise SystemExit(f"kind {kind!r} has no checkpoint importer (known: {sorted(importers)})")
+    state_dict = torchfile.load_state_dict(src)
+    params = importers[kind](state_dict, config)
+    return checkpoint.write_imported(out, config, params, source=str(src))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "check":
+        results = [check(p) for p in argv[1:]]
+        return 0 if all(results) else 1
+    if len(argv) >= 3 and argv[0] == "import":
+        from absl import flags
+        from ml_collections import config_flags
+
+        kind, src = argv[1], argv[2]
+        flags.DEFINE_string("out", None, "workdir to write the converted checkpoint into", required=True)
+        config_flags.DEFINE_config_file("config", None, "config of the model the checkpoint is for")
+        flags.FLAGS([sys.argv[0]] + argv[3:])
+        config = flags.FLAGS.config
+        if config is None:
+            raise SystemExit("import needs --config=configs/<model>.py[:variant] describing the checkpoint's model")
+        from trainers import config_validation
+
+        config_validation.validate(config)
+        path = import_checkpoint(kind, src, flags.FLAGS.out, config)
+        print(f"wrote {path}")
+        return 0
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

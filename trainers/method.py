@@ -1,0 +1,109 @@
+"""The method interface the one training loop asks for, and the method registry.
+
+A method is a small object defined in the same file as its networks:
+
+* ``create_model(rngs) -> nnx.Module``: the network (every ``nnx.Param``
+  carries logical axis names);
+* ``loss(model, batch, rng) -> (loss, metrics)``: the objective, for
+  one-optimizer methods; ``batch`` is a dict of global arrays (``image``
+  (B, H, W, C) in [-1, 1] or ``latent``, ``label`` (B,) int32);
+* ``sample(model, rng, labels, **sampler) -> images`` (generators), in
+  [-1, 1], (B, H, W, C); or ``encode``/``decode`` (tokenizers);
+* optionally ``train_step(state, batch, rng)`` for methods with several
+  optimizers, and ``validate_config(config)`` for method-specific checks that
+  must fail before compilation.
+
+The loop never imports a method directly: it looks the name up in ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from typing import Any
+
+import jax
+from flax import nnx
+
+# config.model.name -> "module:Class". Lazy, so that a run imports only its method.
+METHODS: dict[str, str] = {
+    "dit": "models.dit:DiTFlowMatching",
+    "xar": "models.xar:XAR",
+    "kl_vae": "tokenizers.kl_vae:KLVAEMethod",
+}
+
+
+def get_method(config) -> "Method":
+    name = config.model.name
+    if name not in METHODS:
+        raise ValueError(f"config.model.name={name!r} is not a registered method; known: {sorted(METHODS)}")
+    module_name, class_name = METHODS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(config)
+
+
+class Method(abc.ABC):
+    """Base class: holds the config; subclasses define the network, loss and sampler."""
+
+    #: "generator" methods are sampled by trainers.sample; "tokenizer" ones reconstruct.
+    kind = "generator"
+
+    def __init__(self, config):
+        self.config = config
+
+    def validate_config(self, config) -> None:
+        """Raise ValueError naming the field for a method-specific config mistake."""
+
+    @abc.abstractmethod
+    def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The network, with logical axis names on every parameter."""
+
+    @abc.abstractmethod
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
+        """(scalar loss, dict of scalar metrics) for one global batch."""
+
+    def sample(self, model: nnx.Module, rng: jax.Array, labels: jax.Array, **sampler: Any) -> jax.Array:
+        raise TypeError(f"{type(self).__name__} is a {self.kind}; it has no class-conditional sampler")
+
+
+class ModelDef:
+    """Splits an nnx model into a static graph and pure-dict params / non-param state.
+
+    The train state holds plain nested dicts (what optax, orbax and the
+    checkpoint converters see); ``merge`` rebuilds the module inside a trace.
+    """
+
+    def __init__(self, method: Method):
+        abstract = nnx.eval_shape(lambda: method.create_model(nnx.Rngs(0)))
+        self.graphdef, self.abstract_params, self.abstract_rest = nnx.split(abstract, nnx.Param, ...)
+        self._method = method
+
+    def init(self, rng: jax.Array):
+        """(params, rest) as pure dicts; jit this with out_shardings to init sharded."""
+        model = self._method.create_model(nnx.Rngs(rng))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def merge(self, params, rest=None) -> nnx.Module:
+        p = jax.tree.map(lambda v: v, self.abstract_params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        nnx.replace_by_pure_dict(p, params)
+        r = jax.tree.map(lambda v: v, self.abstract_rest, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        if rest is not None:
+            nnx.replace_by_pure_dict(r, rest)
+        return nnx.merge(self.graphdef, p, r)
+
+    def param_shardings(self, mesh):
+        from trainers import sharding
+
+        return nnx.to_pure_dict(sharding.state_shardings(self.abstract_params, mesh))
+
+    def rest_shardings(self, mesh):
+        from trainers import sharding
+
+        return nnx.to_pure_dict(sharding.state_shardings(self.abstract_rest, mesh))
+
+    def param_names(self):
+        """Logical axis names per parameter, as a pure dict."""
+        from trainers import sharding
+
+        return nnx.to_pure_dict(sharding.logical_specs(self.abstract_params))
