@@ -1,0 +1,205 @@
+"""Layers shared by every network in the zoo: one attention, one MLP, one adaLN, one embedder.
+
+Every parameter carries logical axis names (trainers/sharding.py maps them to
+the mesh). Layouts: tokens are (batch, tokens, channels); images NHWC.
+Parameters are float32; ``dtype`` is the compute dtype (bfloat16 for mixed
+precision). Norms, softmax and embeddings of time are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import trainers.sharding  # noqa: F401  (sets Flax's variable-sharding mode before any model is built)
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
+          use_bias: bool = True, kernel_init=xavier_uniform, bias_init=zeros, dtype=jnp.float32) -> nnx.Linear:
+    """nnx.Linear whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nnx.Linear(
+        in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(kernel_init, names),
+        bias_init=nnx.with_partitioning(bias_init, (names[1],)), rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int | Sequence[int], *, rngs: nnx.Rngs,
+         strides: int | Sequence[int] = 1, padding="SAME", use_bias: bool = True,
+         out_name: str = "conv_out", kernel_init=nnx.initializers.lecun_normal(), bias_init=zeros,
+         dtype=jnp.float32) -> nnx.Conv:
+    """nnx.Conv (NHWC, kernel (kh, kw, in, out)) with logical axis names."""
+    ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    names = ("conv_kernel", "conv_kernel", "conv_in", out_name)
+    return nnx.Conv(
+        in_features, out_features, ks, strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
+        param_dtype=jnp.float32, kernel_init=nnx.with_partitioning(kernel_init, names),
+        bias_init=nnx.with_partitioning(bias_init, (out_name,)), rngs=rngs)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, in float32 (DiT's norm1/norm2/norm_final)."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + eps)).astype(dtype)
+
+
+def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """RMSNorm without a weight, in float32."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    return (x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)).astype(dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation x * (1 + scale) + shift; shift/scale (batch, channels) or broadcastable."""
+    if shift.ndim == x.ndim - 1:
+        shift, scale = shift[:, None], scale[:, None]
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [cos, sin] of (batch,) float times (DiT's TimestepEmbedder)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nnx.Module):
+    """Scalar time -> vector: sinusoid then Linear-SiLU-Linear (DiT)."""
+
+    def __init__(self, hidden_size: int, *, rngs: nnx.Rngs, frequency_embedding_size: int = 256,
+                 dtype=jnp.float32):
+        init = nnx.initializers.normal(0.02)
+        self.frequency_embedding_size = frequency_embedding_size
+        self.linear_1 = dense(frequency_embedding_size, hidden_size, (None, "embed"), kernel_init=init,
+                              rngs=rngs, dtype=dtype)
+        self.linear_2 = dense(hidden_size, hidden_size, ("embed", "embed"), kernel_init=init, rngs=rngs,
+                              dtype=dtype)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        h = timestep_embedding(t, self.frequency_embedding_size)
+        return self.linear_2(nnx.silu(self.linear_1(h)))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class label -> vector; row ``num_classes`` is the null class used for guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, rngs: nnx.Rngs):
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        rows = num_classes + int(dropout_prob > 0)
+        self.embedding = nnx.Embed(
+            rows, hidden_size, embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                                                    ("classes", "embed")), rngs=rngs)
+
+    def drop_labels(self, labels: jax.Array, rng: jax.Array) -> jax.Array:
+        """Replace labels by the null class with probability dropout_prob (classifier-free guidance)."""
+        drop = jax.random.uniform(rng, labels.shape) < self.dropout_prob
+        return jnp.where(drop, self.num_classes, labels)
+
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        return self.embedding(labels)
+
+
+def attention_weights_and_values(q, k, v, mask=None):
+    """Softmax attention in float32. q (B, H, Nq, d), k/v (B, H, Nk, d); mask broadcastable to (B, H, Nq, Nk)."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(jnp.float32)).astype(v.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention (timm's Attention: fused qkv with bias, output projection).
+
+    ``rope``: optional function (q, k) -> (q, k) on (B, H, N, d), applied before the scores.
+    ``kv_cache``: optional (k, v) of earlier tokens (B, H, M, d), prepended; the new
+    (k, v) of this call are returned through ``return_kv=True`` for caching.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
+                 dtype=jnp.float32):
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = dense(dim, 3 * dim, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+        self.proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, *, mask=None, rope: Callable | None = None, kv_cache=None,
+                 return_kv: bool = False):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, H, N, d)
+        if rope is not None:
+            q, k = rope(q, k)
+        new_kv = (k, v)
+        if kv_cache is not None:
+            k = jnp.concatenate([kv_cache[0], k], axis=2)
+            v = jnp.concatenate([kv_cache[1], v], axis=2)
+        out = attention_weights_and_values(q, k, v, mask)
+        out = self.proj(jnp.moveaxis(out, 1, 2).reshape(b, n, c))
+        return (out, new_kv) if return_kv else out
+
+
+class Mlp(nnx.Module):
+    """fc1 -> activation -> fc2 (timm's Mlp); the activation is a config choice."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, activation=None, dtype=jnp.float32):
+        self.activation = activation or (lambda x: nnx.gelu(x, approximate=True))
+        self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size**2, embed_dim) fixed 2-D sin-cos embedding, row-major tokens (MAE/DiT).
+
+    The first half of the channels encodes the column (w) coordinate, the second
+    the row, each as [sin, cos] with omega = 1 / 10000^(i / (D/4)).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos position embedding needs embed_dim % 4 == 0, got {embed_dim}")
+
+    def one_axis(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h, grid_w = np.meshgrid(np.arange(grid_size, dtype=np.float32),
+                                 np.arange(grid_size, dtype=np.float32), indexing="ij")
+    emb = np.concatenate([one_axis(embed_dim // 2, grid_w), one_axis(embed_dim // 2, grid_h)], axis=1)
+    return emb.astype(np.float32)
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/p * W/p, p*p*C), tokens row-major, each ordered (p_row, p_col, c)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, channels: int) -> jax.Array:
+    """Inverse of :func:`patchify` for a square grid."""
+    b, n, _ = x.shape
+    g = int(round(math.sqrt(n)))
+    x = x.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * p, g * p, channels)
