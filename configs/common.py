@@ -31,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.random_flip = True
     c.data.num_workers = 0  # grain worker processes per host (0 = in-process)
     c.data.prefetch = 2
+    c.data.num_threads = 2  # grain read threads per process (decode + crop); 0 = in the calling thread
     # Train on cached tokenizer latents instead of pixels (trainers/cache_latents.py):
     c.data.latents = ""  # path of a latent cache; "" = pixels
     c.data.latent_scale = 1.0  # multiply sampled latents (e.g. 0.2325 for MAR KL-16)
