@@ -1,0 +1,338 @@
+"""Losses shared by every tokenizer: reconstruction, LPIPS, PatchGAN, GAN objectives and regularisers.
+
+References: LPIPS from richzhang/PerceptualSimilarity (PyPI ``lpips``; VGG16
+``features`` in torchvision's layout, linear heads ``lin{0..4}``); the
+PatchGAN ``NLayerDiscriminator`` and the GAN losses from CompVis/taming-transformers
+(``taming/modules/discriminator/model.py``, ``taming/modules/losses/vqperceptual.py``);
+the adaptive discriminator weight and ``adopt_weight`` (discriminator start
+step) from LDM's ``LPIPSWithDiscriminator``; LeCAM from Tseng et al. 2021,
+as used by MaskGIT/TiTok. Images and features are NHWC.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trainers import sharding  # noqa: F401  (sets flax_always_shard_variable=False before any Param exists)
+
+CONV_AXES = ("conv_kernel", "conv_kernel", "conv_in", "conv_out")
+
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_LIN_FILE = "vgg.pth"
+LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+
+# ----------------------------------------------------------------------------
+# Reconstruction
+# ----------------------------------------------------------------------------
+
+
+def l1(x, y):
+    """Elementwise |x - y|."""
+    return jnp.abs(x - y)
+
+
+def l2(x, y):
+    """Elementwise (x - y)^2."""
+    return jnp.square(x - y)
+
+
+RECONSTRUCTION = {"l1": l1, "l2": l2}
+
+# ----------------------------------------------------------------------------
+# Reading the published torch weights (zip or legacy pre-1.6 pickle) without torch
+# ----------------------------------------------------------------------------
+
+
+class _LazyStorage:
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.array = None
+
+
+class _LazyTensor:
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def resolve(self):
+        arr = self.storage.array
+        if not self.size:
+            return arr[self.offset].copy()
+        view = np.lib.stride_tricks.as_strided(
+            arr[self.offset:], shape=self.size, strides=tuple(s * arr.itemsize for s in self.stride))
+        return np.array(view)
+
+
+_LEGACY_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+                  "LongStorage": np.int64, "IntStorage": np.int32, "ByteStorage": np.uint8}
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    def __init__(self, f, storages):
+        super().__init__(f)
+        self.storages = storages
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return lambda storage, offset, size, stride, *unused: _LazyTensor(storage, offset, size, stride)
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, *unused: data
+        if module == "torch" and name in _LEGACY_DTYPES:
+            return name
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module.startswith(("builtins", "collections", "_codecs")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"legacy checkpoint refers to {module}.{name}")
+
+    def persistent_load(self, pid):
+        if pid[0] != "storage":
+            raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
+        storage_type, key, _location, _numel, view = pid[1:6] if len(pid) > 5 else (*pid[1:5], None)
+        if view is not None:
+            raise pickle.UnpicklingError("storage views are not supported in legacy checkpoints")
+        if key not in self.storages:
+            self.storages[key] = _LazyStorage(_LEGACY_DTYPES[storage_type])
+        return self.storages[key]
+
+
+def _load_legacy(path: Path):
+    storages: dict[str, _LazyStorage] = {}
+    with open(path, "rb") as f:
+        for _ in range(3):  # magic number, protocol version, sys info
+            pickle.load(f)
+        obj = _LegacyUnpickler(f, storages).load()
+        for key in pickle.load(f):
+            (numel,) = struct.unpack("<q", f.read(8))
+            st = storages[key]
+            st.array = np.frombuffer(f.read(numel * np.dtype(st.dtype).itemsize), dtype=st.dtype)
+    return {k: v.resolve() for k, v in obj.items() if isinstance(v, _LazyTensor)}
+
+
+def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """{name: array} from a ``torch.save`` file: zip archives via trainers.torchfile, legacy pickles here."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        from trainers import torchfile
+
+        return torchfile.load_state_dict(path)
+    return _load_legacy(path)
+
+
+# ----------------------------------------------------------------------------
+# LPIPS (VGG16)
+# ----------------------------------------------------------------------------
+
+# torchvision vgg16().features: conv indices, channels; LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+VGG16_CONVS = ((0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
+               (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512),
+               (26, 512, 512), (28, 512, 512))
+VGG16_STAGES = ((0, 2), (2, 4), (4, 7), (7, 10), (10, 13))  # conv ranges per LPIPS slice
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+# lpips ScalingLayer: maps [-1, 1] inputs to ImageNet-normalised ones.
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+class LPIPS(nnx.Module):
+    """LPIPS v0.1 with a VGG16 backbone: (B, H, W, 3) x2 in [-1, 1] -> (B,) distances."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), CONV_AXES)
+        bias = nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",))
+        self.features = nnx.List([
+            nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, bias_init=bias, rngs=rngs)
+            for _, cin, cout in VGG16_CONVS])
+        self.lin = nnx.List([
+            nnx.Conv(c, 1, (1, 1), use_bias=False, kernel_init=init, rngs=rngs) for c in LPIPS_CHANNELS])
+
+    def _taps(self, x):
+        x = (x - jnp.asarray(LPIPS_SHIFT)) / jnp.asarray(LPIPS_SCALE)
+        taps = []
+        for s, (start, stop) in enumerate(VGG16_STAGES):
+            if s > 0:
+                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+            for i in range(start, stop):
+                x = nnx.relu(self.features[i](x))
+            taps.append(x)
+        return taps
+
+    def __call__(self, x, y):
+        if x.shape[-1] == 1:  # grayscale: replicate to RGB, as is usual for VGG features
+            x, y = jnp.repeat(x, 3, axis=-1), jnp.repeat(y, 3, axis=-1)
+        taps = self._taps(jnp.concatenate([x, y], axis=0))
+        b = x.shape[0]
+        total = 0.0
+        for tap, lin in zip(taps, self.lin):
+            unit = tap / (jnp.sqrt(jnp.sum(tap**2, axis=-1, keepdims=True)) + 1e-10)
+            diff = (unit[:b] - unit[b:]) ** 2
+            total = total + jnp.mean(lin(diff), axis=(1, 2, 3))
+        return total
+
+
+def lpips_params_from_torch(vgg_state_dict: dict[str, np.ndarray], lin_state_dict: dict[str, np.ndarray]) -> dict:
+    """Pure params of :class:`LPIPS` from torchvision's vgg16 state_dict and lpips' ``vgg.pth``."""
+    features = {}
+    for n, (idx, cin, cout) in enumerate(VGG16_CONVS):
+        w = np.asarray(vgg_state_dict[f"features.{idx}.weight"], np.float32)
+        if w.shape != (cout, cin, 3, 3):
+            raise ValueError(f"features.{idx}.weight has shape {w.shape}, VGG16 expects {(cout, cin, 3, 3)}")
+        features[n] = {"kernel": w.transpose(2, 3, 1, 0),
+                       "bias": np.asarray(vgg_state_dict[f"features.{idx}.bias"], np.float32)}
+    lin = {}
+    for n, c in enumerate(LPIPS_CHANNELS):
+        w = np.asarray(lin_state_dict[f"lin{n}.model.1.weight"], np.float32)
+        if w.shape != (1, c, 1, 1):
+            raise ValueError(f"lin{n}.model.1.weight has shape {w.shape}, LPIPS expects {(1, c, 1, 1)}")
+        lin[n] = {"kernel": w.transpose(2, 3, 1, 0)}
+    return {"features": features, "lin": lin}
+
+
+def default_lpips_lin_path() -> Path | None:
+    """The linear heads that ship inside the PyPI ``lpips`` wheel, if it is installed (not imported)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "weights" / "v0.1" / LPIPS_LIN_FILE
+    return path if path.exists() else None
+
+
+def load_lpips_params(vgg_path: str | Path, lin_path: str | Path = "") -> dict:
+    """LPIPS params from local files; a missing file is a clear error naming where it is published."""
+    vgg_path = Path(vgg_path) if vgg_path else None
+    if vgg_path is None or not vgg_path.exists():
+        raise FileNotFoundError(
+            f"LPIPS needs the torchvision VGG16 weights {VGG16_FILE} (set config.model.loss.vgg_path; "
+            f"got {str(vgg_path) if vgg_path else 'nothing'}). torchvision publishes it at {VGG16_URL}; "
+            "download it on a machine with internet access and copy it here.")
+    lin = Path(lin_path) if lin_path else default_lpips_lin_path()
+    if lin is None or not lin.exists():
+        raise FileNotFoundError(
+            f"LPIPS needs its linear-layer weights {LPIPS_LIN_FILE} (set config.model.loss.lpips_lin_path, "
+            f"got {lin_path or 'nothing'}); they ship in the PyPI wheel `lpips` (lpips/weights/v0.1/vgg.pth) "
+            f"and at {LPIPS_LIN_URL}")
+    return lpips_params_from_torch(load_torch_state_dict(vgg_path), load_torch_state_dict(lin))
+
+
+# ----------------------------------------------------------------------------
+# PatchGAN discriminator (taming NLayerDiscriminator)
+# ----------------------------------------------------------------------------
+
+
+class NLayerDiscriminator(nnx.Module):
+    """PatchGAN: (B, H, W, C) -> (B, H', W', 1) logits; conv 4x4, BatchNorm, LeakyReLU(0.2).
+
+    ``torch_index`` records each layer's index in taming's ``nn.Sequential`` (``main.{i}``)
+    for the converter.
+    """
+
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, rngs: nnx.Rngs = None):
+        # taming weights_init: conv N(0, 0.02), BatchNorm scale N(1, 0.02), bias 0.
+        w_init = nnx.with_partitioning(nnx.initializers.normal(0.02), CONV_AXES)
+        b_init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",))
+        scale_init = nnx.with_partitioning(lambda k, s, d=jnp.float32: 1.0 + 0.02 * jax.random.normal(k, s, d), ("norm",))
+        norm_bias = nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",))
+        mults = [min(2**n, 8) for n in range(n_layers + 1)]
+        convs, norms, self.torch_index = [], [], []
+        index = 0
+        for n in range(n_layers + 2):
+            cin = in_channels if n == 0 else ndf * mults[n - 1]
+            cout = 1 if n == n_layers + 1 else ndf * mults[n]
+            stride = 2 if n < n_layers else 1
+            has_norm = 0 < n <= n_layers
+            convs.append(nnx.Conv(cin, cout, (4, 4), strides=stride, padding=((1, 1), (1, 1)),
+                                  use_bias=not has_norm, kernel_init=w_init, bias_init=b_init, rngs=rngs))
+            if has_norm:
+                # torch BatchNorm2d momentum 0.1 == flax momentum 0.9
+                norms.append(nnx.BatchNorm(cout, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
+                                           bias_init=norm_bias, use_fast_variance=False, rngs=rngs))
+            self.torch_index.append(index)
+            index += 1 + int(has_norm) + int(n <= n_layers)  # conv [+ norm] [+ lrelu]
+        self.torch_index = tuple(self.torch_index)
+        self.convs = nnx.List(convs)
+        self.norms = nnx.List(norms)
+
+    def __call__(self, x, train: bool = True):
+        last = len(self.convs) - 1
+        for n, layer in enumerate(self.convs):
+            x = layer(x)
+            if 0 < n < last:
+                x = self.norms[n - 1](x, use_running_average=not train)
+            if n < last:
+                x = jax.nn.leaky_relu(x, 0.2)
+        return x
+
+
+def discriminator_from_torch(state_dict: dict[str, np.ndarray], disc: NLayerDiscriminator) -> tuple[dict, dict]:
+    """(params, batch_stats) pure dicts of ``disc`` from taming's ``main.{i}`` state_dict."""
+    params = {"convs": {}, "norms": {}}
+    stats = {"norms": {}}
+    for n, idx in enumerate(disc.torch_index):
+        entry = {"kernel": np.asarray(state_dict[f"main.{idx}.weight"], np.float32).transpose(2, 3, 1, 0)}
+        if f"main.{idx}.bias" in state_dict:
+            entry["bias"] = np.asarray(state_dict[f"main.{idx}.bias"], np.float32)
+        params["convs"][n] = entry
+        if 0 < n < len(disc.torch_index) - 1:
+            bn = f"main.{idx + 1}"
+            params["norms"][n - 1] = {"scale": np.asarray(state_dict[f"{bn}.weight"], np.float32),
+                                      "bias": np.asarray(state_dict[f"{bn}.bias"], np.float32)}
+            stats["norms"][n - 1] = {"mean": np.asarray(state_dict[f"{bn}.running_mean"], np.float32),
+                                     "var": np.asarray(state_dict[f"{bn}.running_var"], np.float32)}
+    return params, stats
+
+
+# ----------------------------------------------------------------------------
+# GAN objectives and regularisers
+# ----------------------------------------------------------------------------
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def vanilla_d_loss(logits_real, logits_fake):
+    """Non-saturating (logistic) discriminator loss."""
+    return 0.5 * (jnp.mean(jax.nn.softplus(-logits_real)) + jnp.mean(jax.nn.softplus(logits_fake)))
+
+
+DISCRIMINATOR_LOSSES = {"hinge": hinge_d_loss, "non_saturating": vanilla_d_loss}
+
+
+def generator_loss(logits_fake, kind: str = "hinge"):
+    """hinge: -E[D(G(z))] (LDM/taming); non_saturating: E[softplus(-D(G(z)))]."""
+    if kind == "hinge":
+        return -jnp.mean(logits_fake)
+    if kind == "non_saturating":
+        return jnp.mean(jax.nn.softplus(-logits_fake))
+    raise ValueError(f"unknown generator loss {kind!r}; known: hinge, non_saturating")
+
+
+def adaptive_weight(nll_grad, g_grad, max_weight: float = 1e4):
+    """LDM calculate_adaptive_weight: ||dL_nll/dw_last|| / (||dL_g/dw_last|| + 1e-4), clipped, no gradient."""
+    weight = jnp.linalg.norm(nll_grad.ravel()) / (jnp.linalg.norm(g_grad.ravel()) + 1e-4)
+    return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
+
+
+def adopt_weight(weight, step, threshold, value: float = 0.0):
+    """The discriminator start step: ``value`` before ``threshold`` (taming adopt_weight)."""
+    return jnp.where(step < threshold, value, weight)
+
+
+def lecam_regularization(logits_real, logits_fake, ema_real, ema_fake):
+    """LeCAM (Tseng et al. 2021, eq. 3): ||relu(D(x) - a_F)||^2 + ||relu(a_R - D(G(z)))||^2."""
+    return (jnp.mean(jnp.square(jax.nn.relu(logits_real - ema_fake)))
+            + jnp.mean(jnp.square(jax.nn.relu(ema_real - logits_fake))))
+
+
+def lecam_update(ema, logits, decay: float):
+    return decay * ema + (1.0 - decay) * jnp.mean(logits)
