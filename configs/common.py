@@ -65,6 +65,8 @@ def base() -> ml_collections.ConfigDict:
     c.sample_every = 0  # write a sample grid to TensorBoard every N steps (0 = at the end only)
     c.num_grid_samples = 16
     c.profile = False  # capture a profile of a few steps (clu periodic_actions.Profile)
+    c.log_batch_digest = False  # write a hash of every batch to batch_digests.p<process>.jsonl (resume tests)
+    c.sample_batch_size = 64  # images per sampling batch (trainers.sample, grids, evaluation)
 
     # --- sampling (trainers/sample.py and the loop's grids); method-specific knobs live here too.
     c.sample = ml_collections.ConfigDict()

@@ -1,0 +1,112 @@
+"""Config checks that run before anything is compiled; each error names the field.
+
+Unknown keys and wrong types in ``--config.a.b=value`` overrides are refused by
+ml_collections while the flags are parsed (the field is named there); the
+checks below cover values and their consistency with the machine.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from trainers import optim, sharding
+
+
+class ConfigError(ValueError):
+    """A config mistake, found before compilation."""
+
+
+def _require(cond: bool, message: str):
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(config, *, num_devices: int | None = None, num_processes: int | None = None,
+             check_data: bool = True) -> None:
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    num_processes = jax.process_count() if num_processes is None else num_processes
+
+    for field in ("model", "data", "mesh", "optim", "sample", "eval"):
+        _require(field in config, f"config.{field} is missing (start configs from configs.common.base())")
+    from trainers.method import METHODS, get_method
+
+    _require(config.model.name in METHODS,
+             f"config.model.name={config.model.name!r} is not a registered method; known: {sorted(METHODS)}")
+
+    # ---- mesh and batch
+    try:
+        mesh_shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    data_parallel = mesh_shape[0] * mesh_shape[1]
+    _require(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+    _require(config.batch_size % data_parallel == 0,
+             f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+             f"{data_parallel} (config.mesh.data x config.mesh.fsdp = {mesh_shape[0]} x {mesh_shape[1]})")
+    _require(config.batch_size % num_processes == 0,
+             f"config.batch_size={config.batch_size} is not divisible by the {num_processes} processes")
+
+    # ---- steps and bookkeeping
+    for field in ("num_steps", "log_every", "checkpoint_every"):
+        _require(int(config[field]) > 0, f"config.{field}={config[field]} must be positive")
+    for field in ("keep_last", "keep_every", "sample_every", "num_grid_samples"):
+        _require(int(config[field]) >= 0, f"config.{field}={config[field]} must be >= 0")
+
+    # ---- optimizer
+    o = config.optim
+    _require(o.schedule in optim.SCHEDULES, f"config.optim.schedule={o.schedule!r}: must be one of {optim.SCHEDULES}")
+    _require(o.lr > 0, f"config.optim.lr={o.lr} must be positive")
+    _require(0 <= o.min_lr <= o.lr, f"config.optim.min_lr={o.min_lr} must be in [0, config.optim.lr={o.lr}]")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"config.optim.b1={o.b1}, b2={o.b2} must be in [0, 1)")
+    _require(o.weight_decay >= 0, f"config.optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(o.grad_clip >= 0, f"config.optim.grad_clip={o.grad_clip} must be >= 0 (0 disables)")
+    _require(0 <= o.warmup_steps <= config.num_steps,
+             f"config.optim.warmup_steps={o.warmup_steps} must be in [0, config.num_steps={config.num_steps}]")
+    if o.schedule == "warmup_constant_cosine":
+        _require(o.warmup_steps + o.constant_steps <= config.num_steps,
+                 f"config.optim.warmup_steps + config.optim.constant_steps = {o.warmup_steps + o.constant_steps} "
+                 f"exceeds config.num_steps={config.num_steps}")
+    _require(0 <= config.ema_rate < 1, f"config.ema_rate={config.ema_rate} must be in [0, 1)")
+    _require(config.compute_dtype in ("float32", "bfloat16"),
+             f"config.compute_dtype={config.compute_dtype!r}: must be 'float32' or 'bfloat16'")
+
+    # ---- data and method
+    if check_data:
+        from trainers import data
+
+        try:
+            data.validate(config)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    method = get_method(config)
+    try:
+        method.validate_config(config)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def set_override(config, dotted_key: str, value: str) -> None:
+    """``config.a.b = value`` with the type of the existing field; unknown keys are refused."""
+    *parents, leaf = dotted_key.split(".")
+    node = config
+    for i, p in enumerate(parents):
+        if p not in node:
+            raise ConfigError(f"config.{'.'.join(parents[:i + 1])} does not exist")
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(f"config.{dotted_key} does not exist")
+    old = node[leaf]
+    try:
+        if isinstance(old, bool):
+            new = {"true": True, "false": False}[value.lower()]
+        elif isinstance(old, (int, float, str)):
+            new = type(old)(value)
+        else:
+            raise ConfigError(f"config.{dotted_key} cannot be set from the command line")
+    except (ValueError, KeyError):
+        raise ConfigError(f"config.{dotted_key}={value!r}: expected {type(old).__name__}") from None
+    node[leaf] = new

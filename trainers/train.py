@@ -1,0 +1,367 @@
+"""The one training loop. Every method in the zoo trains here; nothing in it knows which.
+
+Read top to bottom, as one batch travels: config -> mesh -> data -> method and
+model (shapes first, then a sharded jitted init) -> optimizer -> checkpoint
+restore -> the loop (jitted, donated train step; metrics, progress, samples,
+checkpoints, preemption) -> final samples and evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+
+from trainers import checkpoint, sharding
+from trainers.method import ModelDef, get_method
+from trainers.optim import make_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without saving the bad state."""
+
+
+# ============================================================================ train state
+# A plain dict of arrays (what orbax saves and optax updates):
+#   step              number of completed optimizer steps
+#   params, ema_params  pure dicts of the method's nnx.Params
+#   opt_state         optax state
+#   rng               base key; step k uses fold_in(rng, k)
+#   rest              non-trainable model state (pure dict)
+#   nonfinite_step    first step whose loss was not finite (-1 if none), checked on the host lazily
+
+
+def _init_fn(model_def: ModelDef, tx, seed_rng):
+    def init(rng):
+        rng_init, rng_train = jax.random.split(rng)
+        params, rest = model_def.init(rng_init)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
+                "rng": rng_train, "rest": rest, "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    return init
+
+
+def _suffix_sharding(path, by_param_path, default):
+    keys = tuple(_key_str(k) for k in path)
+    for start in range(len(keys)):
+        if keys[start:] in by_param_path:
+            return by_param_path[keys[start:]]
+    return default
+
+
+def _key_str(k):
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def state_shardings(abstract_state, model_def: ModelDef, mesh):
+    """Shardings of the whole train state: params (and EMA, and the optimizer moments, matched by
+    parameter path) as the logical-axis rules say; scalars replicated."""
+    param_sh = model_def.param_shardings(mesh)
+    rest_sh = model_def.rest_shardings(mesh)
+    by_path = {tuple(_key_str(k) for k in path): s
+               for path, s in jax.tree_util.tree_leaves_with_path(param_sh)}
+    repl = sharding.replicated(mesh)
+    opt_sh = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _suffix_sharding(path, by_path, repl) if np.ndim(leaf) else repl,
+        abstract_state["opt_state"])
+    return {"step": repl, "params": param_sh, "ema_params": param_sh, "opt_state": opt_sh, "rng": repl,
+            "rest": rest_sh, "nonfinite_step": repl}
+
+
+def state_from_params(config, params):
+    """A step-0 train state around given (e.g. converted) params; used by checkpoint import."""
+    method = get_method(config)
+    model_def = ModelDef(method)
+    tx, _ = make_optimizer(config)
+    state = _init_fn(model_def, tx, None)(jax.random.PRNGKey(config.seed))
+    params = jax.tree.map(lambda ref, p: jnp.asarray(p, ref.dtype), state["params"], params)
+    return {**state, "params": params, "ema_params": jax.tree.map(jnp.copy, params),
+            "opt_state": tx.init(params)}
+
+
+def make_train_step(method, model_def: ModelDef, tx, schedule, ema_rate: float):
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_fn(params):
+            model = model_def.merge(params, state["rest"])
+            return method.loss(model, batch, rng)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state["ema_params"], params)
+        step = state["step"] + 1
+        nonfinite = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step, state["nonfinite_step"])
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        new_state = {**state, "step": step, "params": params, "ema_params": ema, "opt_state": opt_state,
+                     "nonfinite_step": nonfinite}
+        return new_state, metrics
+
+    return train_step
+
+
+# ============================================================================ helpers
+def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global jax.Arrays sharded over (data, fsdp) on the batch dim."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
+
+
+def images_to_uint8(x) -> np.ndarray:
+    """[-1, 1] floats (B, H, W, C) -> uint8."""
+    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
+
+
+def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(B, H, W, C) uint8 -> one (rows*H, cols*W, 3) uint8 image with 2-px gaps."""
+    b, h, w, c = images.shape
+    if c == 1:
+        images = np.repeat(images, 3, axis=-1)
+    cols = columns or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / cols))
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    for i in range(b):
+        r, q = divmod(i, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[i]
+    return grid
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+class Sampler:
+    """Jitted class-conditional sampling from the (EMA) params, sharded over the batch."""
+
+    def __init__(self, method, model_def: ModelDef, mesh, **sampler_kwargs):
+        self.mesh = mesh
+        out_sh = sharding.batch_sharding(mesh, 4)
+
+        def sample(params, rest, rng, labels):
+            with sharding.use_mesh(mesh):
+                return method.sample(model_def.merge(params, rest), rng, labels, **sampler_kwargs)
+
+        self._sample = jax.jit(sample, out_shardings=out_sh)
+
+    def __call__(self, params, rest, rng, labels) -> jax.Array:
+        labels = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.batch_sharding(self.mesh, 1))
+        return self._sample(params, rest, rng, labels)
+
+
+def grid_labels(num: int, num_classes: int) -> np.ndarray:
+    return (np.arange(num) % num_classes).astype(np.int32)
+
+
+def sample_batch_size(num: int, mesh) -> int:
+    """The smallest multiple of the data-parallel size that holds ``num``."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    return int(np.ceil(num / dp) * dp)
+
+
+# ============================================================================ preemption
+class PreemptionWatcher:
+    """SIGTERM sets a flag; the loop saves at the next step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting")
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        flag = self.requested
+        if jax.process_count() > 1:  # every process must stop at the same step
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return flag
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ============================================================================ the loop
+def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
+    """Train ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the final state."""
+    from clu import metric_writers, periodic_actions
+
+    from trainers import data
+
+    workdir = str(Path(workdir).absolute())
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    checkpoint.write_config(workdir, config)
+
+    # ---- mesh
+    mesh = sharding.make_mesh(config.mesh, devices)
+    logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+
+    # ---- method, model shapes, optimizer
+    method = get_method(config)
+    model_def = ModelDef(method)
+    tx, schedule = make_optimizer(config)
+    init = _init_fn(model_def, tx, None)
+    seed_key = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.eval_shape(init, seed_key)
+    shardings = state_shardings(abstract_state, model_def, mesh)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
+    logging.info("%s: %.2fM parameters", config.model.name, num_params / 1e6)
+
+    # ---- data
+    data_iter = data.create_iterator(config, seed=config.seed, global_batch_size=config.batch_size)
+
+    # ---- restore or init (sharded: init is jitted with out_shardings)
+    manager = checkpoint.make_manager(workdir, keep_last=config.keep_last, keep_every=config.keep_every)
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, shardings)
+    start_step, state = checkpoint.restore_latest(manager, abstract_sharded, data_iter)
+    if state is None:
+        with sharding.use_mesh(mesh):
+            state = jax.jit(init, out_shardings=shardings)(seed_key)
+        start_step = 0
+        logging.info("initialised from scratch")
+    else:
+        logging.info("resumed from step %d", start_step)
+        print(f"resumed from checkpoint at step {start_step}", flush=True)
+
+    # ---- compiled functions
+    train_step = make_train_step(method, model_def, tx, schedule, config.ema_rate)
+    batch_sh = None  # batches arrive already sharded
+
+    def step_fn(state, batch):
+        with sharding.use_mesh(mesh):
+            return train_step(state, batch)
+
+    p_train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+                           out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+    # ---- writers, progress, preemption
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer,
+                                             every_steps=config.log_every)]
+    if config.profile and is_main:
+        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start_step + 10))
+    watcher = PreemptionWatcher()
+    metrics_log = Path(workdir) / "metrics.jsonl"
+    digest_log = Path(workdir) / f"batch_digests.p{jax.process_index()}.jsonl" if config.get(
+        "log_batch_digest", False) else None
+    sampler = Sampler(method, model_def, mesh) if method.kind == "generator" else None
+
+    def check_finite(state):
+        bad = int(jax.device_get(state["nonfinite_step"]))
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad}; stopping without saving. The last good checkpoint "
+                f"(step {manager.latest_step()}) in {checkpoint.checkpoint_dir(workdir)} is intact.")
+
+    def write_grid(step):
+        if sampler is None:
+            return
+        n = config.num_grid_samples
+        labels = grid_labels(sample_batch_size(n, mesh), config.data.num_classes)
+        params = state["ema_params"] if config.sample.use_ema else state["params"]
+        images = images_to_uint8(jax.device_get(sampler(params, state["rest"], jax.random.PRNGKey(config.seed),
+                                                        labels)))[:n]
+        if images.shape[-1] in (1, 3) and is_main:
+            grid = make_grid(images)
+            save_png(Path(workdir) / "samples" / f"step_{step:08d}.png", grid)
+            writer.write_images(step, {"samples": grid[None]})
+
+    # ---- the loop
+    pending: list[dict] = []
+    step = start_step
+    t_log = time.time()
+    try:
+        for step in range(start_step + 1, config.num_steps + 1):
+            local_batch = next(data_iter)
+            if digest_log is not None:
+                with digest_log.open("a") as f:
+                    f.write(json.dumps({"step": step, "sha1": _digest(local_batch)}) + "\n")
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = p_train_step(state, to_global(local_batch, mesh))
+            pending.append(metrics)
+            for hook in hooks:
+                hook(step)
+
+            if step % config.log_every == 0 or step == config.num_steps:
+                check_finite(state)
+                fetched = jax.device_get(pending)
+                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+                elapsed = time.time() - t_log
+                summary["examples_per_sec"] = len(fetched) * config.batch_size / max(elapsed, 1e-9)
+                writer.write_scalars(step, summary)
+                if is_main:
+                    with metrics_log.open("a") as f:
+                        f.write(json.dumps({"step": step, **summary,
+                                            "per_step_loss": [float(m["loss"]) for m in fetched]}) + "\n")
+                pending.clear()
+                t_log = time.time()
+
+            if watcher.should_stop():
+                check_finite(state)
+                checkpoint.save(manager, step, state, data_iter)
+                manager.wait_until_finished()
+                print(f"preempted: saved checkpoint at step {step}; exiting", flush=True)
+                return state
+
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                check_finite(state)
+                checkpoint.save(manager, step, state, data_iter)
+
+            if config.sample_every and step % config.sample_every == 0:
+                write_grid(step)
+        manager.wait_until_finished()
+        if step > start_step:
+            write_grid(step)
+        _final_evaluation(config, workdir, method, model_def, mesh, state, writer, sampler)
+    finally:
+        manager.wait_until_finished()
+        writer.flush()
+        watcher.restore()
+    return state
+
+
+def _digest(batch: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha1()
+    for k in sorted(batch):
+        h.update(np.ascontiguousarray(batch[k]).tobytes())
+    return h.hexdigest()
+
+
+def _final_evaluation(config, workdir, method, model_def, mesh, state, writer, sampler):
+    """FID/IS (and the domain scores) of ``config.eval.num_samples`` samples, if configured."""
+    n = int(config.eval.num_samples)
+    if not n or sampler is None:
+        return
+    from trainers.sample import generate
+
+    images, _ = generate(config, sampler, state, mesh, n, seed=config.seed + 1)
+    from eval import harness
+
+    scores = harness.evaluate(images, config=config)
+    writer.write_scalars(int(jax.device_get(state["step"])), {f"eval/{k}": v for k, v in scores.items()})
+    if jax.process_index() == 0:
+        (Path(workdir) / "scores.json").write_text(json.dumps(scores, indent=2))
+        print("scores: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()), flush=True)
