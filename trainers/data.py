@@ -476,6 +476,10 @@ def pipeline(source, config, *, seed: int, local_batch_size: int,
     read = grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch * local_batch_size)
     batches = SkipNoneBatch(ds.to_iter_dataset(read, allow_nones=True), local_batch_size)
     if d.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
     return ImageIterator(iter(batches), skipped_at_build)
 
