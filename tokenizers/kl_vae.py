@@ -444,11 +444,15 @@ def _fixture_model(meta) -> AutoencoderKL:
         use_variational=top.get("use_variational", True), rngs=nnx.Rngs(0)))
 
 
-def _merge_params(abstract_model: nnx.Module, params: dict) -> nnx.Module:
-    graphdef, abstract, rest = nnx.split(abstract_model, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, abstract, is_leaf=lambda v: isinstance(v, nnx.Variable))
+def _merge_params(abstract_model: nnx.Module, params: dict, rest: dict | None = None) -> nnx.Module:
+    """A module from an abstract one and pure dicts of its params (and non-param state)."""
+    graphdef, abstract, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    copy = lambda tree: jax.tree.map(lambda v: v, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))  # noqa: E731
+    state, other = copy(abstract), copy(abstract_rest)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    if rest is not None:
+        nnx.replace_by_pure_dict(other, jax.tree.map(jnp.asarray, rest))
+    return nnx.merge(graphdef, state, other)
 
 
 def fixture_check_kl16_vae(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
@@ -466,3 +470,280 @@ def fixture_check_kl16_vae(meta, params, buffers, inputs) -> dict[str, np.ndarra
 
 
 FIXTURE_CHECKS = {"kl16_vae": fixture_check_kl16_vae}
+
+
+# ----------------------------------------------------------------------------
+# Training: LDM's LPIPSWithDiscriminator objective, generator and discriminator optimizers
+# ----------------------------------------------------------------------------
+
+
+_LPIPS_ABSTRACT: list = []
+
+
+def _lpips_model():
+    if not _LPIPS_ABSTRACT:
+        _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
+    return _LPIPS_ABSTRACT[0]
+
+
+def _discriminator(config, rngs: nnx.Rngs) -> losses.NLayerDiscriminator:
+    lc = config.model.loss
+    return losses.NLayerDiscriminator(in_channels=int(config.data.channels), ndf=int(lc.disc_ndf),
+                                      n_layers=int(lc.disc_layers), rngs=rngs)
+
+
+class KLVAEMethod(Method):
+    """The KL-VAE tokenizer (config.model.name == "kl_vae").
+
+    ``loss`` is the generator objective without the GAN term (for the plain
+    one-optimizer loop); ``init_train_state``/``train_step`` train generator and
+    PatchGAN discriminator together, as LDM's ``LPIPSWithDiscriminator`` does.
+    """
+
+    kind = "tokenizer"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kwargs = model_kwargs(config.model, config.data.channels)
+        self.scale_factor = float(config.model.scale_factor)
+        self.downsample_factor = 2 ** (len(self.kwargs["ch_mult"]) - 1)
+        self._model_def = None
+        self._lpips_params = None
+
+    # -- the network and its interface
+    def validate_config(self, config) -> None:
+        m, lc = config.model, config.model.loss
+        groups = int(m.get("norm_groups", 32))
+        widths = {int(m.ch) * int(k) for k in m.ch_mult}
+        if any(w % groups for w in widths):
+            raise ValueError(f"config.model.ch={m.ch} with ch_mult={tuple(m.ch_mult)}: every width {sorted(widths)} "
+                             f"must be divisible by config.model.norm_groups={groups} (GroupNorm)")
+        if int(config.data.image_size) % self.downsample_factor:
+            raise ValueError(f"config.data.image_size={config.data.image_size} is not divisible by the "
+                             f"downsampling factor {self.downsample_factor} of ch_mult={tuple(m.ch_mult)}")
+        if lc.rec_loss not in losses.RECONSTRUCTION:
+            raise ValueError(f"config.model.loss.rec_loss={lc.rec_loss!r}: one of {sorted(losses.RECONSTRUCTION)}")
+        if lc.disc_loss not in losses.DISCRIMINATOR_LOSSES:
+            raise ValueError(f"config.model.loss.disc_loss={lc.disc_loss!r}: one of {sorted(losses.DISCRIMINATOR_LOSSES)}")
+        if lc.gen_loss not in ("hinge", "non_saturating"):
+            raise ValueError(f"config.model.loss.gen_loss={lc.gen_loss!r}: one of hinge, non_saturating")
+        if lc.perceptual_weight > 0:
+            self.lpips_params()  # a missing VGG16 file fails here, before compilation
+
+    def create_model(self, rngs: nnx.Rngs) -> AutoencoderKL:
+        return AutoencoderKL(**self.kwargs, rngs=rngs)
+
+    @property
+    def model_def(self) -> ModelDef:
+        if self._model_def is None:
+            self._model_def = ModelDef(self)
+        return self._model_def
+
+    def check_images(self, images) -> None:
+        check_images(images, self.kwargs["in_channels"], self.downsample_factor)
+
+    def encode(self, model: AutoencoderKL, images) -> jax.Array:
+        """images (B, H, W, C) in [-1, 1] -> posterior moments (B, H/f, W/f, 2*embed_dim)."""
+        self.check_images(images)
+        return model.encode(images)
+
+    def decode(self, model: AutoencoderKL, latents) -> jax.Array:
+        """Scaled latents (B, h, w, embed_dim), as generators see them -> images (B, H, W, C)."""
+        return model.decode(latents / self.scale_factor)
+
+    def reconstruct(self, model: AutoencoderKL, images) -> jax.Array:
+        """Images through the posterior mean: what the loop logs as reconstructions."""
+        mean, _, _ = gaussian_parameters(self.encode(model, images))
+        return model.decode(mean)
+
+    def lpips_params(self) -> dict:
+        """Frozen LPIPS-VGG16 params, loaded once from config.model.loss.vgg_path."""
+        if self._lpips_params is None:
+            lc = self.config.model.loss
+            self._lpips_params = losses.load_lpips_params(lc.vgg_path, lc.get("lpips_lin_path", ""))
+        return self._lpips_params
+
+    # -- the objective
+    def _noise(self, rng, x):
+        f = self.downsample_factor
+        return jax.random.normal(rng, (x.shape[0], x.shape[1] // f, x.shape[2] // f, self.kwargs["embed_dim"]), x.dtype)
+
+    def _nll_kl(self, model, x, eps, lpips_params):
+        """LDM's weighted NLL (summed over pixels, averaged over the batch) and KL; plus the reconstruction."""
+        lc = self.config.model.loss
+        recon, moments = model(x, eps)
+        rec = losses.RECONSTRUCTION[lc.rec_loss](x, recon)
+        metrics = {"rec_loss": jnp.mean(rec)}
+        if lc.perceptual_weight > 0:
+            p = _merge_params(_lpips_model(), lpips_params)(jax.lax.stop_gradient(x), recon)
+            rec = rec + lc.perceptual_weight * p[:, None, None, None]
+            metrics["p_loss"] = jnp.mean(p)
+        # LDM's logvar is a loss-module parameter left out of the optimizer, i.e. a constant.
+        nll = rec / jnp.exp(lc.logvar_init) + lc.logvar_init
+        nll_loss = jnp.sum(nll) / x.shape[0]
+        kl = jnp.mean(posterior_kl(moments))
+        metrics.update(nll_loss=nll_loss, kl_loss=kl)
+        return nll_loss, kl, recon, metrics
+
+    def loss(self, model, batch, rng):
+        """Generator objective without the GAN term: NLL (L1 [+ LPIPS]) + kl_weight * KL."""
+        x = batch["image"]
+        eps = self._noise(rng, x)
+        lpips_params = self.lpips_params() if self.config.model.loss.perceptual_weight > 0 else None
+        nll_loss, kl, _, metrics = self._nll_kl(model, x, eps, lpips_params)
+        loss = nll_loss + self.config.model.loss.kl_weight * kl
+        return loss, {**metrics, "loss": loss}
+
+    # -- GAN training: a pure train state and step with two optimizers
+    def _disc_abstract(self):
+        return nnx.eval_shape(lambda: _discriminator(self.config, nnx.Rngs(0)))
+
+    def init_train_state(self, rng: jax.Array) -> dict:
+        """The GAN train state, a pytree of pure dicts, optax states and arrays (orbax-saveable).
+
+        Keys: ``step``; generator ``params``, ``ema_params``, ``opt_state``, ``rest`` (as the
+        plain loop's state); ``disc`` = {``params``, ``batch_stats``, ``opt_state``};
+        ``lecam`` = {``real``, ``fake``} EMAs of the discriminator's logits; ``lpips`` the
+        frozen LPIPS-VGG16 params ({} when perceptual_weight == 0).
+        """
+        from trainers.optim import make_optimizer
+
+        k_gen, k_disc = jax.random.split(rng)
+        params, rest = self.model_def.init(k_gen)
+        disc = _discriminator(self.config, nnx.Rngs(k_disc))
+        _, disc_params, disc_stats = nnx.split(disc, nnx.Param, ...)
+        disc_params, disc_stats = nnx.to_pure_dict(disc_params), nnx.to_pure_dict(disc_stats)
+        tx, _ = make_optimizer(self.config)
+        lpips = self.lpips_params() if self.config.model.loss.perceptual_weight > 0 else {}
+        zero = jnp.zeros((), jnp.float32)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params, "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
+            "rest": rest,
+            "disc": {"params": disc_params, "batch_stats": disc_stats, "opt_state": tx.init(disc_params)},
+            "lecam": {"real": zero, "fake": zero},
+            "lpips": jax.tree.map(jnp.asarray, lpips),
+        }
+
+    def train_state_shardings(self, abstract_state, mesh) -> dict:
+        """NamedShardings for ``init_train_state``'s pytree: params (and their EMA and optimizer
+        moments) by their logical axis names; scalars and step counters replicated."""
+        from trainers import sharding as sh
+
+        repl = sh.replicated(mesh)
+        gen = self.model_def.param_shardings(mesh)
+        _, dp, ds = nnx.split(self._disc_abstract(), nnx.Param, ...)
+        disc = nnx.to_pure_dict(sh.state_shardings(dp, mesh))
+        disc_stats = nnx.to_pure_dict(sh.state_shardings(ds, mesh))
+        _, lp, _ = nnx.split(_lpips_model(), nnx.Param, ...)
+        lpips = nnx.to_pure_dict(sh.state_shardings(lp, mesh)) if abstract_state["lpips"] else {}
+
+        def opt(abstract_opt, param_sh):
+            by_path = {_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
+
+            def one(path, leaf):  # optimizer moments mirror the params tree below some prefix
+                key = _path(path)
+                for i in range(len(key)):
+                    if key[i:] in by_path and np.ndim(leaf):
+                        return by_path[key[i:]]
+                return repl
+            return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+        return {
+            "step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
+            "rest": self.model_def.rest_shardings(mesh),
+            "disc": {"params": disc, "batch_stats": disc_stats,
+                     "opt_state": opt(abstract_state["disc"]["opt_state"], disc)},
+            "lecam": {"real": repl, "fake": repl}, "lpips": lpips,
+        }
+
+    def train_step(self, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+        """One generator update and one discriminator update on ``batch["image"]`` (B, H, W, C).
+
+        Generator: NLL + kl_weight * KL + d_weight * disc_factor * G-loss, with LDM's adaptive
+        d_weight from the gradient norms at the decoder's last conv (one forward, two
+        backward passes). Discriminator: disc_factor * (D-loss + lecam_weight * LeCAM) on the
+        real images and the reconstructions of this step's forward pass (LDM/Lightning
+        recomputes them after the generator update; reusing them saves a forward pass).
+        """
+        from trainers.optim import make_optimizer
+
+        lc = self.config.model.loss
+        tx, schedule = make_optimizer(self.config)
+        x = batch["image"]
+        step = state["step"]
+        eps = self._noise(rng, x)
+        disc_abstract = self._disc_abstract()
+        disc_factor = losses.adopt_weight(lc.disc_factor, step, lc.disc_start)
+
+        def forward(params):
+            model = self.model_def.merge(params, state["rest"])
+            nll_loss, kl, recon, metrics = self._nll_kl(model, x, eps, state["lpips"] or None)
+            disc = _merge_params(disc_abstract, state["disc"]["params"], state["disc"]["batch_stats"])
+            g_loss = losses.generator_loss(disc(recon, train=True), lc.gen_loss)
+            return (nll_loss + lc.kl_weight * kl, g_loss), (recon, metrics)
+
+        (base_loss, g_loss), vjp, (recon, metrics) = jax.vjp(forward, state["params"], has_aux=True)
+        one, zero = jnp.ones_like(base_loss), jnp.zeros_like(g_loss)
+        (base_grads,) = vjp((one, zero))
+        (g_grads,) = vjp((zero, one))
+        if lc.adaptive_weight:
+            last = ("decoder", "conv_out", "kernel")
+            d_weight = losses.adaptive_weight(_get(base_grads, last), _get(g_grads, last)) * lc.disc_weight
+        else:
+            d_weight = jnp.asarray(lc.disc_weight, jnp.float32)
+        gan_scale = d_weight * disc_factor
+        grads = jax.tree.map(lambda a, b: a + gan_scale * b, base_grads, g_grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        rate = self.config.ema_rate
+        ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state["ema_params"], params)
+
+        recon = jax.lax.stop_gradient(recon)
+        lecam = state["lecam"]
+        disc_loss_fn = losses.DISCRIMINATOR_LOSSES[lc.disc_loss]
+
+        def d_objective(disc_params):
+            disc = _merge_params(disc_abstract, disc_params, state["disc"]["batch_stats"])
+            logits_real = disc(x, train=True)  # separate calls: BatchNorm sees real and fake batches apart
+            logits_fake = disc(recon, train=True)
+            d_loss = disc_loss_fn(logits_real, logits_fake)
+            reg = losses.lecam_regularization(logits_real, logits_fake, lecam["real"], lecam["fake"])
+            total = disc_factor * (d_loss + lc.lecam_weight * reg)
+            stats = nnx.to_pure_dict(nnx.split(disc, nnx.Param, ...)[2])
+            return total, (stats, logits_real, logits_fake, d_loss, reg)
+
+        (d_total, (stats, logits_real, logits_fake, d_loss, reg)), d_grads = jax.value_and_grad(
+            d_objective, has_aux=True)(state["disc"]["params"])
+        d_updates, d_opt_state = tx.update(d_grads, state["disc"]["opt_state"], state["disc"]["params"])
+        disc_params = optax.apply_updates(state["disc"]["params"], d_updates)
+        new_lecam = {"real": losses.lecam_update(lecam["real"], logits_real, lc.lecam_decay),
+                     "fake": losses.lecam_update(lecam["fake"], logits_fake, lc.lecam_decay)}
+
+        loss = base_loss + gan_scale * g_loss
+        metrics = {**metrics, "loss": loss, "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor,
+                   "d_loss": d_loss, "d_total": d_total, "lecam": reg, "logits_real": jnp.mean(logits_real),
+                   "logits_fake": jnp.mean(logits_fake), "grad_norm": optax.global_norm(grads),
+                   "d_grad_norm": optax.global_norm(d_grads), "lr": schedule(step)}
+        new_state = {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state,
+                     "disc": {"params": disc_params, "batch_stats": stats, "opt_state": d_opt_state},
+                     "lecam": new_lecam}
+        return new_state, metrics
+
+
+def _path(path) -> tuple[str, ...]:
+    out = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
