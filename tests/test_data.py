@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import common
-import messy_images  # tests/ is on sys.path (rootless test dir); site-packages has a "tests" package
+from tests import messy_images
 from trainers import data
 
 
@@ -360,3 +360,20 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path, name):
         data.validate(config, process_count=1)
     assert f"config.data.name={name!r}" in str(e.value)
     assert "--file_format=array_record" in str(e.value)
+
+
+@pytest.mark.slow
+def test_tfds_source_through_the_pipeline(tmp_path):
+    """A TFDS ArrayRecord source (mocked records; the mock imports TensorFlow, the pipeline does not)."""
+    import tensorflow_datasets as tfds
+
+    config = make_config(tmp_path, name="mnist", image_size=8, channels=3)
+    with tfds.testing.mock_data(num_examples=12):
+        data.validate(config, process_count=1)  # also checks num_classes against the dataset info
+        it = data.create_iterator(config, seed=0, global_batch_size=4)
+        batch = next(it)
+    assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].dtype == np.int32
+    assert np.isfinite(batch["image"]).all() and it.skipped_images == 0
+    config.data.num_classes = 7
+    with tfds.testing.mock_data(num_examples=12), pytest.raises(ValueError, match="has 10 classes"):
+        data.validate(config, process_count=1)

@@ -132,8 +132,10 @@ def validate(config, *, process_count: int | None = None) -> None:
             )
     else:
         source = _tfds_source(config)
-        label = getattr(getattr(source, "dataset_info", None), "features", {}).get("label")
-        found = getattr(label, "num_classes", None)
+        features = getattr(getattr(source, "dataset_info", None), "features", None)
+        if features is not None and "image" not in features:
+            raise ValueError(f"config.data.name={d.name!r} has no 'image' feature; it is not an image dataset")
+        found = getattr(features["label"], "num_classes", None) if features and "label" in features else None
         if found is not None and found != d.num_classes:
             raise ValueError(f"config.data.num_classes={d.num_classes} but TFDS "
                              f"{d.name!r} has {found} classes")
