@@ -136,6 +136,8 @@ def _scalars(min_range, max_range, std_range) -> np.ndarray:
 def _normalize_xla(x, lo, span, std, barrier: bool):
     """x_n in upstream's op order; on XLA the divisor is fenced so x / span stays a division."""
     x = x.astype(jnp.float32)
+    if barrier:  # constant scalars would let XLA fold (t * std) * 2 into t * (2 std) and fuse an FMA
+        lo, span, std = lax.optimization_barrier((lo, span, std))
     divisor = jnp.broadcast_to(span, x.shape)
     if barrier:
         divisor = lax.optimization_barrier(divisor)
@@ -176,12 +178,15 @@ def normalize(x, *, min_range: float = -5.0, max_range: float = 5.0, std_range: 
 
 def dimwise_quantize_reference(x, reconstruction_values, *, min_range: float = -5.0,
                                max_range: float = 5.0, std_range: float = 3.0):
-    """Defining jnp implementation: (indices int32, dequant float32), both x's shape."""
+    """Defining jnp implementation: (indices int32, dequant float32), both x's shape.
+
+    reconstruction_values: a concrete (levels,) float32 table (numpy or a non-traced array).
+    """
     xn = normalize(x, min_range=min_range, max_range=max_range, std_range=std_range)
-    r = jnp.asarray(reconstruction_values, jnp.float32)
-    indices = jnp.argmin(jnp.abs(xn[..., None] - r), axis=-1).astype(jnp.int32)
-    values = jnp.asarray(dequantization_values(np.asarray(r), min_range, max_range, std_range))
-    return indices, values[indices]
+    indices = jnp.argmin(jnp.abs(xn[..., None] - jnp.asarray(reconstruction_values, jnp.float32)),
+                         axis=-1).astype(jnp.int32)
+    return indices, dequantize(indices, reconstruction_values, min_range=min_range,
+                               max_range=max_range, std_range=std_range)
 
 
 def dequantize(indices, reconstruction_values, *, min_range: float = -5.0, max_range: float = 5.0,
