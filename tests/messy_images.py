@@ -45,7 +45,8 @@ def write_messy_folder(root: str) -> dict[str, bytes]:
     files = {
         "cats/noise_rect.jpg": _encode(_noise(40, 30, seed=0), "JPEG", quality=95),
         "cats/gray.png": _encode(Image.new("L", (32, 32), 100), "PNG"),
-        "cats/cmyk.jpg": _encode(Image.new("CMYK", (36, 36), (0, 255, 255, 0)), "JPEG", quality=100),
+        "cats/cmyk.jpg": _encode(Image.new("CMYK", (36, 36), (0, 255, 255, 0)), "JPEG",
+                                 quality=100),
         "cats/empty.png": b"",
         "cats/tiny.png": _encode(Image.new("RGB", (4, 4), (9, 9, 9)), "PNG"),
         "dogs/noise_rect.png": _encode(_noise(50, 20, seed=2), "PNG"),

@@ -161,8 +161,9 @@ def test_embedded_build_is_deterministic(embedded_cache, tmp_path):
     first, _ = data.build_cache(make_config(embedded_cache))
     second, _ = data.build_cache(make_config(tmp_path))
     for name in ("records.array_record", "metadata.json"):
-        with open(os.path.join(first, name), "rb") as a, open(os.path.join(second, name), "rb") as b:
-            assert a.read() == b.read(), name
+        with open(os.path.join(first, name), "rb") as a:
+            with open(os.path.join(second, name), "rb") as b:
+                assert a.read() == b.read(), name
 
 
 def test_crash_mid_build_leaves_nothing(messy, tmp_path, monkeypatch):
@@ -264,7 +265,8 @@ def test_orbax_save_restore_gives_identical_next_batches(embedded_cache, tmp_pat
     expected = take(it, 3)
     restored = data.create_iterator(config, seed=0, global_batch_size=8)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+        restore = grain.checkpoint.CheckpointRestore(restored)
+        manager.restore(2, args=ocp.args.Composite(data=restore))
     assert_same_batches(take(restored, 3), expected)
 
 
@@ -288,7 +290,8 @@ def test_local_batch_is_global_over_process_count(embedded_cache):
                                       shard_options=shard))
     assert batch["image"].shape[0] == 2 and batch["label"].shape == (2,)
     with pytest.raises(ValueError, match="not divisible"):
-        data.create_iterator(make_config(embedded_cache), seed=0, global_batch_size=6, shard_options=shard)
+        data.create_iterator(make_config(embedded_cache), seed=0, global_batch_size=6,
+                             shard_options=shard)
 
 
 @pytest.mark.slow
@@ -364,7 +367,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path, name):
 
 @pytest.mark.slow
 def test_tfds_source_through_the_pipeline(tmp_path):
-    """A TFDS ArrayRecord source (mocked records; the mock imports TensorFlow, the pipeline does not)."""
+    """A TFDS ArrayRecord source (records mocked: the mock imports TensorFlow, data.py does not)."""
     import tensorflow_datasets as tfds
 
     config = make_config(tmp_path, name="mnist", image_size=8, channels=3)

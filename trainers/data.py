@@ -88,7 +88,8 @@ def validate(config, *, process_count: int | None = None) -> None:
     if not isinstance(d.random_flip, bool):
         raise ValueError(f"config.data.random_flip={d.random_flip!r} must be True or False")
     if d.image_size < _MIN_SIDE_FLOOR:
-        raise ValueError(f"config.data.image_size={d.image_size} must be at least {_MIN_SIDE_FLOOR}")
+        raise ValueError(
+            f"config.data.image_size={d.image_size} must be at least {_MIN_SIDE_FLOOR}")
     if d.channels not in (1, 3):
         raise ValueError(f"config.data.channels={d.channels} must be 1 (grayscale) or 3 (RGB)")
     if d.num_classes < 1:
@@ -122,7 +123,8 @@ def validate(config, *, process_count: int | None = None) -> None:
                          f"{d.name!r} is built once into ArrayRecord there")
     if d.name == EMBEDDED:
         if d.num_classes != 10:
-            raise ValueError(f"config.data.num_classes={d.num_classes} but {EMBEDDED!r} has 10 classes")
+            raise ValueError(
+                f"config.data.num_classes={d.num_classes} but {EMBEDDED!r} has 10 classes")
     elif d.name == FOLDER:
         classes = _folder_classes(d.folder)
         if d.num_classes != len(classes):
@@ -134,8 +136,9 @@ def validate(config, *, process_count: int | None = None) -> None:
         source = _tfds_source(config)
         features = getattr(getattr(source, "dataset_info", None), "features", None)
         if features is not None and "image" not in features:
-            raise ValueError(f"config.data.name={d.name!r} has no 'image' feature; it is not an image dataset")
-        found = getattr(features["label"], "num_classes", None) if features and "label" in features else None
+            raise ValueError(f"config.data.name={d.name!r} has no 'image' feature")
+        label = features["label"] if features is not None and "label" in features else None
+        found = getattr(label, "num_classes", None)
         if found is not None and found != d.num_classes:
             raise ValueError(f"config.data.num_classes={d.num_classes} but TFDS "
                              f"{d.name!r} has {found} classes")
@@ -202,9 +205,11 @@ def _tfds_source(config):
         )
     except Exception as e:  # TFDS raises several unrelated types for "not there"
         raise ValueError(
-            f"config.data.name={d.name!r} (split {d.split!r}, data_dir {d.data_dir or 'TFDS default'!r}) "
-            f"is not an ArrayRecord TFDS dataset prepared on this machine: {str(e).splitlines()[0]}\n"
-            f"Prepare it first, e.g. `tfds build {d.name} --data_dir=DIR --file_format=array_record` "
+            f"config.data.name={d.name!r} (split {d.split!r}, "
+            f"data_dir {d.data_dir or 'TFDS default'!r}) is not an ArrayRecord TFDS dataset "
+            f"prepared on this machine: {str(e).splitlines()[0]}\n"
+            f"Prepare it first, e.g. `tfds build {d.name} --data_dir=DIR "
+            "--file_format=array_record` "
             "(for imagenet2012: `tfds build imagenet2012 --manual_dir=DIR_WITH_ILSVRC2012_TARS "
             "--file_format=array_record`), or use config.data.name='folder' or 'mnist_embedded'."
         ) from e
@@ -214,7 +219,8 @@ def _folder_classes(folder: str) -> list[str]:
     if not folder or not os.path.isdir(folder):
         raise ValueError(f"config.data.folder={folder!r} is not a directory "
                          "(needed for config.data.name='folder')")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(folder)
+                     if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"config.data.folder={folder!r} has no class subfolders "
                          "(expected FOLDER/<class_name>/<images>)")
@@ -308,11 +314,13 @@ def build_cache(config) -> tuple[str, dict[str, Any]]:
         listing = [(p, os.stat(os.path.join(folder, p)).st_size,
                     os.stat(os.path.join(folder, p)).st_mtime_ns) for p, _ in files]
         key = hashlib.sha256(json.dumps([folder, listing]).encode()).hexdigest()[:16]
-        directory = os.path.join(d.cache_dir, f"folder-{os.path.basename(folder)}-{key}-v{_FORMAT_VERSION}")
+        directory = os.path.join(
+            d.cache_dir, f"folder-{os.path.basename(folder)}-{key}-v{_FORMAT_VERSION}")
         examples, metadata = (lambda: _folder_examples(folder, files)), dict(
             source=folder, class_names=_folder_classes(folder), files=[p for p, _ in files])
     else:
-        raise ValueError(f"config.data.name={d.name!r} is not built locally (TFDS datasets are read in place)")
+        raise ValueError(f"config.data.name={d.name!r} is not built locally "
+                         "(TFDS datasets are read in place)")
     if not os.path.exists(os.path.join(directory, _METADATA_FILE)):
         _build_array_record(directory, examples(), metadata)
     with open(os.path.join(directory, _METADATA_FILE)) as f:
@@ -386,7 +394,7 @@ class Preprocess:
         return {"image": arr.astype(np.float32) / 127.5 - 1.0, "label": np.int32(record["label"])}
 
 
-# ----------------------------------------------------------------------------- batching and the iterator
+# ----------------------------------------------------------------------------- batching, iterator
 
 
 class _SkipNoneBatchIterator(grain.DatasetIterator):
@@ -401,7 +409,8 @@ class _SkipNoneBatchIterator(grain.DatasetIterator):
             if example is None:
                 skipped += 1
                 if skipped > _MAX_CONSECUTIVE_BAD and not examples:
-                    raise RuntimeError(f"{skipped} unusable images in a row: is this an image dataset?")
+                    raise RuntimeError(
+                        f"{skipped} unusable images in a row: is this an image dataset?")
             else:
                 examples.append(example)
         return {"image": np.stack([e["image"] for e in examples]),
@@ -454,7 +463,8 @@ class ImageIterator(grain.DatasetIterator):
         return sum(self.skip_counts().values())
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "skipped_while_reading": self._skipped_while_reading}
+        return {"pipeline": self._parent.get_state(),
+                "skipped_while_reading": self._skipped_while_reading}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["pipeline"])
@@ -462,8 +472,9 @@ class ImageIterator(grain.DatasetIterator):
 
 
 def pipeline(source, config, *, seed: int, local_batch_size: int,
-             shard_options: grain.sharding.ShardOptions, skipped_at_build: dict[str, int]) -> ImageIterator:
-    """source (records {"image": bytes, "label"}) -> this shard -> shuffle -> repeat -> preprocess -> batch."""
+             shard_options: grain.sharding.ShardOptions,
+             skipped_at_build: dict[str, int]) -> ImageIterator:
+    """records {"image": bytes, "label"} -> shard -> shuffle -> repeat -> preprocess -> batch."""
     d = config.data
     ds = grain.MapDataset.source(source)
     per_shard = len(ds) // shard_options.shard_count  # equal shards: no process runs an epoch ahead
@@ -471,23 +482,26 @@ def pipeline(source, config, *, seed: int, local_batch_size: int,
         raise ValueError(f"config.data.name={d.name!r} has {len(ds)} usable records, fewer than "
                          f"the {shard_options.shard_count} processes reading it")
     ds = ds[shard_options.shard_index * per_shard:(shard_options.shard_index + 1) * per_shard]
-    shuffle_seed, augment_seed = np.random.SeedSequence([seed, shard_options.shard_index]).generate_state(2)
+    seeds = np.random.SeedSequence([seed, shard_options.shard_index])
+    shuffle_seed, augment_seed = seeds.generate_state(2)
     ds = ds.shuffle(seed=int(shuffle_seed)).repeat()  # repeat reshuffles every epoch
     ds = ds.random_map(Preprocess(d.image_size, d.channels, d.random_flip, min_image_side(config)),
                        seed=int(augment_seed))
-    read = grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch * local_batch_size)
+    read = grain.ReadOptions(num_threads=d.num_threads,
+                             prefetch_buffer_size=d.prefetch * local_batch_size)
     batches = SkipNoneBatch(ds.to_iter_dataset(read, allow_nones=True), local_batch_size)
     if d.num_workers > 0:
         from absl import flags
 
-        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
+        if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app: defaults
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
     return ImageIterator(iter(batches), skipped_at_build)
 
 
 def create_iterator(config, *, seed: int, global_batch_size: int,
-                    shard_options: grain.sharding.ShardOptions | None = None) -> grain.DatasetIterator:
+                    shard_options: grain.sharding.ShardOptions | None = None,
+                    ) -> grain.DatasetIterator:
     """An endless iterator of this process's batches.
 
     Pixels: yields {"image": float32 (B_local, H, W, C) in [-1, 1], "label": int32
@@ -516,5 +530,6 @@ def create_iterator(config, *, seed: int, global_batch_size: int,
         return cache_latents.latent_dataset(config, seed=seed, global_batch_size=global_batch_size,
                                             shard_options=shard_options)
     source, skipped_at_build = _source(config)
-    return pipeline(source, config, seed=seed, local_batch_size=global_batch_size // shard_options.shard_count,
+    return pipeline(source, config, seed=seed,
+                    local_batch_size=global_batch_size // shard_options.shard_count,
                     shard_options=shard_options, skipped_at_build=skipped_at_build)
