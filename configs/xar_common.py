@@ -1,0 +1,98 @@
+"""xAR sizes and the settings shared by configs/xar_{b,l,h}.py (upstream OliverRensu/xAR).
+
+Variants (comma-separated): "demo" (pixel-space MNIST on a laptop CPU) and the prediction entity X:
+"cell" (default, upstream's 4 cells of 8x8), "token", "subsample", "scale", "image";
+e.g. ``--config=configs/xar_b.py:demo,scale``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+# width, encoder depth = decoder depth, heads (upstream models/xar.py xar_base/large/huge)
+SIZES = {"B": (768, 8, 12), "L": (1024, 16, 16), "H": (1280, 20, 16)}
+# sampling steps and guidance scale of the paper's results (upstream README)
+SAMPLING = {"B": (40, 2.7), "L": (50, 2.3), "H": (50, 2.2)}
+ENTITIES = ("token", "cell", "subsample", "scale", "image")
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
+    variants = [a for a in (arg or "").split(",") if a]
+    demo = "demo" in variants
+    entity = "cell"
+    for v in variants:
+        if v in ENTITIES:
+            entity = v
+        elif v != "demo":
+            raise ValueError(f"unknown xAR config variant {v!r}; use demo and/or one of {ENTITIES}")
+    width, depth, heads = SIZES[size]
+    c = common.base()
+    c.model = ml_collections.ConfigDict(dict(
+        name="xar",
+        input_size=16, patch_size=1, in_channels=16,  # MAR KL-16 latent of a 256px image: 16x16x16
+        hidden_size=width, encoder_depth=depth, decoder_depth=depth, num_heads=heads, mlp_ratio=4.0,
+        num_classes=1000, class_dropout_prob=0.1,
+        entity=entity,  # the prediction entity X
+        cell_size=8,  # X = cell: k x k tokens (upstream: 8x8 cells, 4 of them on the 16x16 grid)
+        subsample_stride=2,  # X = subsample: entity (a, b) = tokens (a + 2i, b + 2j), 4 entities of 64
+        scales=(1, 2, 4, 8, 16),  # X = scale: coarse-to-fine resolutions, the last = the grid
+    ))
+    # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_xar.py), flips cached.
+    c.data.name = "imagenet2012"
+    c.data.image_size = 256
+    c.data.channels = 3
+    c.data.num_classes = 1000
+    c.data.latents = "data_cache/imagenet2012_256_mar_kl16"
+    c.data.latent_scale = 0.2325
+    # Upstream main_mar.py / train.sh: batch 2048, blr 5e-5 -> lr 5e-5 * 2048 / 256, AdamW (0.9, 0.96),
+    # wd 0.02 (not on biases / 1-D), clip 1.0, EMA 0.9999; util/lr_sched.py: warmup 100 epochs,
+    # constant to 600, cosine to min_lr 1e-5 at 800.
+    steps_per_epoch = IMAGENET_TRAIN_IMAGES // 2048
+    c.batch_size = 2048
+    c.num_steps = 800 * steps_per_epoch
+    c.optim.lr = 5e-5 * c.batch_size / 256
+    c.optim.b1, c.optim.b2 = 0.9, 0.96
+    c.optim.weight_decay = 0.02
+    c.optim.grad_clip = 1.0
+    c.optim.schedule = "warmup_constant_cosine"
+    c.optim.warmup_steps = 100 * steps_per_epoch
+    c.optim.constant_steps = 500 * steps_per_epoch
+    c.optim.min_lr = 1e-5
+    c.ema_rate = 0.9999
+    c.checkpoint_every = 10_000
+    c.keep_every = 100_000
+    c.sample.method = "euler_maruyama"  # "euler_maruyama" | "euler" | "heun"
+    c.sample.num_steps, c.sample.cfg_scale = SAMPLING[size]
+    c.sample.use_cache = True  # KV cache of finished entities (same samples as without, faster)
+    if demo:
+        # Pixel space on the embedded MNIST digits: 32x32x1, patch 4 -> an 8x8 grid of 16-channel tokens,
+        # 4 cells of 4x4 (upstream's 4-cell structure at a quarter of the tokens).
+        c.model.update(input_size=32, patch_size=4, in_channels=1, num_classes=10, hidden_size=64,
+                       encoder_depth=2, decoder_depth=2, num_heads=4, cell_size=4, subsample_stride=2,
+                       scales=(1, 2, 4, 8))
+        c.data.name = "mnist_embedded"
+        c.data.image_size = 32
+        c.data.channels = 1
+        c.data.num_classes = 10
+        c.data.latents = ""
+        c.data.latent_scale = 1.0
+        c.batch_size = 64
+        c.num_steps = 1500
+        c.optim.lr = 1e-3
+        c.optim.weight_decay = 0.02
+        c.optim.schedule = "warmup_cosine"
+        c.optim.warmup_steps = 100
+        c.optim.constant_steps = 0
+        c.optim.min_lr = 1e-5
+        c.ema_rate = 0.995
+        c.log_every = 50
+        c.checkpoint_every = 500
+        c.keep_every = 0
+        c.sample.num_steps = 20
+        c.sample.cfg_scale = 2.0
+        c.num_grid_samples = 40
+    return c
