@@ -1,0 +1,61 @@
+"""Shared test helpers: paths, the tiny DiT config every loop test uses, subprocess runners."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden"
+
+# The tiny DiT every loop test trains: 16x16x1 pixels, 16 tokens, width 32, 2 blocks.
+TINY_DIT_OVERRIDES = [
+    "--config.model.input_size=16", "--config.model.patch_size=4", "--config.model.hidden_size=32",
+    "--config.model.depth=2", "--config.model.num_heads=2", "--config.data.image_size=16",
+    "--config.batch_size=8", "--config.optim.warmup_steps=2", "--config.log_every=1",
+    "--config.num_grid_samples=4", "--config.sample.num_steps=2", "--config.sample_batch_size=8",
+]
+
+
+def tiny_dit_config(**overrides):
+    """The tiny DiT config as a ConfigDict (in-process tests)."""
+    from configs import dit_s
+
+    c = dit_s.get_config("demo")
+    c.model.update(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2)
+    c.data.image_size = 16
+    c.batch_size = 8
+    c.optim.warmup_steps = 2
+    c.log_every = 1
+    c.num_grid_samples = 4
+    c.sample.num_steps = 2
+    c.sample_batch_size = 8
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def run_python(args, *, env=None, timeout=600, check=True, cwd=REPO):
+    """Run `python args...` from the repo root; returns the CompletedProcess (stdout+stderr merged)."""
+    full_env = dict(os.environ)
+    full_env.setdefault("JAX_PLATFORMS", "cpu")
+    full_env.pop("XLA_FLAGS", None)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def golden():
+    if not GOLDEN.exists():
+        pytest.fail(f"golden fixtures not found at {GOLDEN} (shared/ must sit beside the checkout)")
+    return GOLDEN
