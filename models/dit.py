@@ -84,7 +84,7 @@ class DiT(nnx.Module):
 
         h = self.x_embedder(x.astype(self.x_embedder.dtype))
         b, gh, gw, d = h.shape
-        h = h.reshape(b, gh * gw, d) + self.pos_embed.value.astype(h.dtype)
+        h = h.reshape(b, gh * gw, d) + self.pos_embed[...].astype(h.dtype)
         h = constrain(h, ("act_batch", "act_len", "act_embed"))
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
@@ -216,7 +216,7 @@ def _depth_of(sd) -> int:
 
 def _check_pos_embed(sd, model: DiT):
     if "pos_embed" in sd:
-        ours = np.asarray(model.pos_embed.value)
+        ours = np.asarray(model.pos_embed[...])
         if ours.shape != sd["pos_embed"].shape or not np.allclose(ours, sd["pos_embed"], atol=1e-5):
             raise ValueError("checkpoint pos_embed differs from the fixed 2-D sin-cos embedding: "
                              f"shape {sd['pos_embed'].shape} vs ours {ours.shape}")

@@ -279,9 +279,28 @@ def test_processes_read_disjoint_shards():
         it = data.pipeline(records, config, seed=0, local_batch_size=5, shard_options=shard,
                            skipped_at_build={})
         epoch = next(it)["label"].tolist()
-        assert len(set(epoch)) == 5  # one epoch of this shard: five different records
+        assert len(set(epoch)) == 5  # five different records
         seen.append(set(epoch))
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+    """Two processes' slices of a global batch, concatenated, are the one-process batch."""
+    records = [{"image": png(np.full((8, 8), 10 * i, np.uint8)), "label": i} for i in range(12)]
+    config = make_config("unused", image_size=8, random_flip=True)
+
+    def batches(count, index, n):
+        shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
+        it = data.pipeline(records, config, seed=3, local_batch_size=8 // count, shard_options=shard,
+                           skipped_at_build={})
+        return take(it, n)
+
+    whole = batches(1, 0, 3)
+    parts = [batches(2, i, 3) for i in range(2)]
+    for step in range(3):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                whole[step][key], np.concatenate([parts[0][step][key], parts[1][step][key]]))
 
 
 def test_local_batch_is_global_over_process_count(embedded_cache):

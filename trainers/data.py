@@ -471,22 +471,53 @@ class ImageIterator(grain.DatasetIterator):
         self._skipped_while_reading = int(state["skipped_while_reading"])
 
 
+class ProcessSlice(grain.MapDataset):
+    """This process's contiguous slice of every global batch of a (global, endless) stream.
+
+    Element j of process p is element (j // B_local) * B + p * B_local + j % B_local of
+    the parent, so the global batch, its order and its augmentation draws (seeded by
+    the global index) are the same for any number of processes: one process with 4
+    devices and two processes with 2 devices each train on identical batches.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, local_batch_size: int,
+                 index: int):
+        super().__init__(parent)
+        self._global = global_batch_size
+        self._local = local_batch_size
+        self._offset = index * local_batch_size
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def _parent_index(self, j: int) -> int:
+        batch, within = divmod(j, self._local)
+        return batch * self._global + self._offset + within
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessSlice(global={self._global}, local={self._local}, offset={self._offset})"
+
+
 def pipeline(source, config, *, seed: int, local_batch_size: int,
-             shard_options: grain.sharding.ShardOptions,
-             skipped_at_build: dict[str, int]) -> ImageIterator:
-    """records {"image": bytes, "label"} -> shard -> shuffle -> repeat -> preprocess -> batch."""
+             shard_options: grain.sharding.ShardOptions, skipped_at_build: dict[str, int]) -> ImageIterator:
+    """source (records {"image": bytes, "label"}) -> shuffle -> repeat -> preprocess -> this process's
+    slice of each global batch -> batch."""
     d = config.data
     ds = grain.MapDataset.source(source)
-    per_shard = len(ds) // shard_options.shard_count  # equal shards: no process runs an epoch ahead
-    if per_shard < 1:
-        raise ValueError(f"config.data.name={d.name!r} has {len(ds)} usable records, fewer than "
-                         f"the {shard_options.shard_count} processes reading it")
-    ds = ds[shard_options.shard_index * per_shard:(shard_options.shard_index + 1) * per_shard]
-    seeds = np.random.SeedSequence([seed, shard_options.shard_index])
-    shuffle_seed, augment_seed = seeds.generate_state(2)
+    if len(ds) < 1:
+        raise ValueError(f"config.data.name={d.name!r} has no usable records")
+    # One global stream, the same on every process (seeds do not depend on the process index).
+    shuffle_seed, augment_seed = np.random.SeedSequence([seed]).generate_state(2)
     ds = ds.shuffle(seed=int(shuffle_seed)).repeat()  # repeat reshuffles every epoch
     ds = ds.random_map(Preprocess(d.image_size, d.channels, d.random_flip, min_image_side(config)),
                        seed=int(augment_seed))
+    ds = ProcessSlice(ds, local_batch_size * shard_options.shard_count, local_batch_size,
+                      shard_options.shard_index)
     read = grain.ReadOptions(num_threads=d.num_threads,
                              prefetch_buffer_size=d.prefetch * local_batch_size)
     batches = SkipNoneBatch(ds.to_iter_dataset(read, allow_nones=True), local_batch_size)

@@ -231,6 +231,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     # ---- data
     data_iter = data.create_iterator(config, seed=config.seed, global_batch_size=config.batch_size)
 
+    def report_skipped(prefix=""):
+        if hasattr(data_iter, "skip_counts"):
+            counts = data_iter.skip_counts()
+            if sum(counts.values()):
+                msg = f"{prefix}skipped {sum(counts.values())} corrupt or unusable images ({counts})"
+                logging.warning(msg)
+                print(msg, flush=True)
+            return sum(counts.values())
+        return 0
+
     # ---- restore or init (sharded: init is jitted with out_shardings)
     manager = checkpoint.make_manager(workdir, keep_last=config.keep_last, keep_every=config.keep_every)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -289,6 +299,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             save_png(Path(workdir) / "samples" / f"step_{step:08d}.png", grid)
             writer.write_images(step, {"samples": grid[None]})
 
+    report_skipped()
+
     # ---- the loop
     pending: list[dict] = []
     step = start_step
@@ -311,6 +323,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
                 elapsed = time.time() - t_log
                 summary["examples_per_sec"] = len(fetched) * config.batch_size / max(elapsed, 1e-9)
+                if hasattr(data_iter, "skipped_images"):
+                    summary["data/skipped_images"] = float(data_iter.skipped_images)
                 writer.write_scalars(step, summary)
                 if is_main:
                     with metrics_log.open("a") as f:
@@ -333,6 +347,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             if config.sample_every and step % config.sample_every == 0:
                 write_grid(step)
         manager.wait_until_finished()
+        report_skipped("data: ")
         if step > start_step:
             write_grid(step)
         _final_evaluation(config, workdir, method, model_def, mesh, state, writer, sampler)
