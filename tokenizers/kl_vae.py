@@ -723,8 +723,8 @@ class KLVAEMethod(Method):
         loss = base_loss + gan_scale * g_loss
         metrics = {**metrics, "loss": loss, "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor,
                    "d_loss": d_loss, "d_total": d_total, "lecam": reg, "logits_real": jnp.mean(logits_real),
-                   "logits_fake": jnp.mean(logits_fake), "grad_norm": optax.global_norm(grads),
-                   "d_grad_norm": optax.global_norm(d_grads), "lr": schedule(step)}
+                   "logits_fake": jnp.mean(logits_fake), "grad_norm": optax.tree.norm(grads),
+                   "d_grad_norm": optax.tree.norm(d_grads), "lr": schedule(step)}
         new_state = {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state,
                      "disc": {"params": disc_params, "batch_stats": stats, "opt_state": d_opt_state},
                      "lecam": new_lecam}
