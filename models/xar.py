@@ -189,10 +189,10 @@ class WeightedRMSNorm(nnx.Module):
     """RMSNorm with a learned weight (upstream z_proj_ln, encoder_norm, decoder_norm), eps 1e-6."""
 
     def __init__(self, dim: int):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), sharding_names=("norm",))
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return layers.rms_norm(x) * self.weight.value.astype(x.dtype)
+        return layers.rms_norm(x) * self.weight[...].astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -235,18 +235,18 @@ class XARNet(nnx.Module):
         self.class_emb = layers.LabelEmbedder(num_classes, hidden_size, class_dropout_prob, rngs=rngs)
         self.time_embed = layers.TimestepEmbedder(hidden_size, rngs=rngs, dtype=dtype)
         for lin in (self.time_embed.linear_1, self.time_embed.linear_2):  # upstream: xavier for every Linear
-            lin.kernel.value = layers.xavier_uniform(rngs.params(), lin.kernel.value.shape)
+            lin.kernel.set_value(layers.xavier_uniform(rngs.params(), lin.kernel.shape))
         self.z_proj = layers.dense(token_dim, hidden_size, ("channels", "embed"), rngs=rngs, dtype=dtype)
         self.z_proj_ln = WeightedRMSNorm(hidden_size)
         pos_init = nnx.initializers.normal(0.02)
         self.encoder_pos_embed = nnx.Param(pos_init(rngs.params(), (n, hidden_size)),
-                                           sharding_names=("position", "embed"))
+                                           out_sharding=("position", "embed"))
         self.encoder_blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
                                         for _ in range(encoder_depth)])
         self.encoder_norm = WeightedRMSNorm(hidden_size)
         self.decoder_embed = layers.dense(hidden_size, hidden_size, ("embed", "embed"), rngs=rngs, dtype=dtype)
         self.decoder_pos_embed = nnx.Param(pos_init(rngs.params(), (n, hidden_size)),
-                                           sharding_names=("position", "embed"))
+                                           out_sharding=("position", "embed"))
         self.decoder_blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
                                         for _ in range(decoder_depth)])
         self.decoder_norm = WeightedRMSNorm(hidden_size)
@@ -296,13 +296,13 @@ class XARNet(nnx.Module):
         cond = self.condition(t, labels)
         row_entity = jnp.asarray(row_entity)
         h = self.z_proj(x.astype(self.z_proj.dtype))
-        h = h + jnp.take(self.encoder_pos_embed.value, jnp.asarray(token_index), axis=0).astype(h.dtype)
+        h = h + jnp.take(self.encoder_pos_embed[...], jnp.asarray(token_index), axis=0).astype(h.dtype)
         h = constrain(self.z_proj_ln(h), ("act_batch", "act_len", "act_embed"))
         new_kv = []
         for i, block in enumerate(self.blocks):
             if i == len(self.encoder_blocks):
                 h = self.decoder_embed(self.encoder_norm(h))
-                h = h + jnp.take(self.decoder_pos_embed.value, jnp.asarray(token_index), axis=0).astype(h.dtype)
+                h = h + jnp.take(self.decoder_pos_embed[...], jnp.asarray(token_index), axis=0).astype(h.dtype)
             h, kv = block(h, cond, row_entity, mask=mask, rope=rope,
                           kv_cache=None if kv_cache is None else kv_cache[i], return_kv=return_kv)
             h = constrain(h, ("act_batch", "act_len", "act_embed"))

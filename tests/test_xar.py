@@ -1,0 +1,274 @@
+"""xAR: golden parity, every prediction entity X (layout, mask, train step, sample), KV cache, guidance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import xar_b, xar_l, xar_h
+from models import xar
+from tests.conftest import REPO, run_python
+from trainers import convert
+from trainers.method import ModelDef, get_method
+
+GOLDEN = REPO.parent / "shared" / "golden"
+
+
+# ----------------------------------------------------------------------------- golden fixtures
+@pytest.mark.parametrize("name", ["xar_net", "xar_kvcache_step"])
+def test_golden_fixture_through_converter(name):
+    assert convert.check(GOLDEN / f"{name}.npz")
+
+
+def test_converter_rejects_a_checkpoint_of_another_layout():
+    """Upstream's constant buffers pin its layout: the subsample layout has the same block-causal mask in
+    sequence order but other token positions, which the RoPE tables reveal."""
+    meta, params, buffers, _, _ = convert.load_fixture(GOLDEN / "xar_net.npz")
+    model = xar.XARNet(layout=xar.make_layout("subsample", 16, subsample_stride=2), token_dim=16,
+                       hidden_size=64, encoder_depth=2, decoder_depth=2, num_heads=4, num_classes=1000,
+                       rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="RoPE"):
+        xar.params_from_torch({**params, **buffers}, model)
+    token_model = xar.XARNet(layout=xar.make_layout("token", 16), token_dim=16, hidden_size=64, encoder_depth=2,
+                             decoder_depth=2, num_heads=4, num_classes=1000, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mask"):
+        xar.params_from_torch({**params, **buffers}, token_model)
+
+
+# ----------------------------------------------------------------------------- sizes
+PAPER_PARAMS_M = {"B": 172.0, "L": 608.0, "H": 1190.0}
+
+
+@pytest.mark.parametrize("size,module", [("B", xar_b), ("L", xar_l), ("H", xar_h)])
+def test_parameter_counts_match_the_paper(size, module):
+    config = module.get_config()
+    model = nnx.eval_shape(lambda: get_method(config).create_model(nnx.Rngs(0)))
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert abs(count / 1e6 - PAPER_PARAMS_M[size]) / PAPER_PARAMS_M[size] < 0.02, count
+
+
+def test_config_validation_names_the_field():
+    config = xar_b.get_config("demo")
+    config.model.cell_size = 3
+    with pytest.raises(ValueError, match="config.model.cell_size"):
+        get_method(config).validate_config(config)
+    config = xar_b.get_config("demo,scale")
+    config.model.scales = (1, 3, 8)
+    with pytest.raises(ValueError, match="config.model.scales"):
+        get_method(config).validate_config(config)
+
+
+# ----------------------------------------------------------------------------- layouts and masks (4x4 grid)
+def _grid_ids(layout):
+    """(G, G) entity id of each grid position (full-resolution level)."""
+    ids = np.empty(layout.grid ** 2, int)
+    r, order, level_ids = layout.levels[-1]
+    ids[order] = level_ids
+    return ids.reshape(layout.grid, layout.grid)
+
+
+def test_token_layout_is_raster_causal():
+    layout = xar.make_layout("token", 4)
+    np.testing.assert_array_equal(_grid_ids(layout), np.arange(16).reshape(4, 4))
+    np.testing.assert_array_equal(layout.mask(), np.tril(np.ones((16, 16), bool)))
+
+
+def test_cell_layout_groups_neighbours_and_is_block_causal():
+    layout = xar.make_layout("cell", 4, cell_size=2)
+    np.testing.assert_array_equal(_grid_ids(layout), [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    np.testing.assert_array_equal(layout.levels[0][1][:4], [0, 1, 4, 5])  # cell 0 = top-left 2x2, row-major
+    np.testing.assert_array_equal(layout.mask(), np.kron(np.tril(np.ones((4, 4), bool)), np.ones((4, 4), bool)))
+
+
+def test_subsample_layout_groups_distant_tokens():
+    layout = xar.make_layout("subsample", 4, subsample_stride=2)
+    np.testing.assert_array_equal(_grid_ids(layout), [[0, 1, 0, 1], [2, 3, 2, 3], [0, 1, 0, 1], [2, 3, 2, 3]])
+    np.testing.assert_array_equal(layout.levels[0][1][:4], [0, 2, 8, 10])
+    np.testing.assert_array_equal(layout.mask(), np.kron(np.tril(np.ones((4, 4), bool)), np.ones((4, 4), bool)))
+
+
+def test_scale_layout_is_coarse_to_fine():
+    layout = xar.make_layout("scale", 4, scales=(1, 2, 4))
+    np.testing.assert_array_equal(layout.entity_sizes, [1, 4, 16])
+    expected = np.zeros((21, 21), bool)
+    for lo, hi in ((0, 1), (1, 5), (5, 21)):
+        expected[lo:hi, :hi] = True
+    np.testing.assert_array_equal(layout.mask(), expected)
+    grid = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    tokens = layout.encode(grid)
+    assert float(tokens[0, 0, 0]) == pytest.approx(7.5)  # 1x1 scale = mean
+    np.testing.assert_allclose(tokens[0, 1:5, 0], [2.5, 4.5, 10.5, 12.5])  # 2x2 area means
+    np.testing.assert_allclose(layout.positions[0], [1.5, 1.5])  # a coarse token sits at its area's centre
+    np.testing.assert_array_equal(layout.decode(tokens), grid)
+
+
+def test_image_layout_is_one_bidirectional_entity():
+    layout = xar.make_layout("image", 4)
+    assert layout.num_entities == 1
+    assert layout.mask().all()
+
+
+@pytest.mark.parametrize("entity", xar.ENTITIES)
+def test_encode_decode_round_trip(entity):
+    layout = xar.make_layout(entity, 4, cell_size=2, subsample_stride=2, scales=(1, 2, 4))
+    grid = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+    np.testing.assert_array_equal(layout.decode(layout.encode(grid)), grid)
+
+
+def test_rope_rotates_by_relative_position():
+    """q.k after 2-D RoPE depends only on the offset between the two positions."""
+    positions = np.array([[0, 0], [1, 2], [3, 3], [4, 5]], np.float32)
+    cos, sin = xar.rope_tables(positions, 8)
+    q, k = jax.random.normal(jax.random.PRNGKey(0), (2, 8))
+    score = lambda i, j: float(xar.apply_rope(q, cos[i], sin[i]) @ xar.apply_rope(k, cos[j], sin[j]))
+    assert score(0, 1) == pytest.approx(score(2, 3), rel=1e-5)  # both offsets are (1, 2)
+    assert score(0, 1) != pytest.approx(score(0, 2), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- tiny models per entity
+def tiny_config(entity="cell"):
+    """8x8x1 pixels, patch 2 -> a 4x4 grid of 4-channel tokens; width 16, 1+1 blocks."""
+    c = xar_b.get_config("demo," + entity)
+    c.model.update(input_size=8, patch_size=2, hidden_size=16, encoder_depth=1, decoder_depth=1, num_heads=2,
+                   cell_size=2, subsample_stride=2, scales=(1, 2, 4))
+    c.data.image_size = 8
+    c.sample.num_steps = 3
+    return c
+
+
+def perturbed_model(method, seed=1):
+    model = method.create_model(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [l + 0.1 * jax.random.normal(k, l.shape)
+                                                   for l, k in zip(leaves, keys)]))
+    return model
+
+
+def test_every_parameter_has_logical_axis_names():
+    model_def = ModelDef(get_method(tiny_config()))
+    names = jax.tree.leaves(model_def.param_names(), is_leaf=lambda x: isinstance(x, tuple) or x is None)
+    assert names and all(isinstance(n, tuple) for n in names)
+
+
+@pytest.mark.parametrize("entity", xar.ENTITIES)
+def test_each_entity_trains_and_samples_with_and_without_cache(entity):
+    config = tiny_config(entity)
+    method = get_method(config)
+    method.validate_config(config)
+    model = perturbed_model(method)
+    graphdef, state = nnx.split(model)
+    batch = {"image": jax.random.uniform(jax.random.PRNGKey(2), (4, 8, 8, 1), minval=-1, maxval=1),
+             "label": jnp.array([0, 1, 2, 3], jnp.int32)}
+
+    @jax.jit
+    def loss_and_grad(state):
+        def f(params):
+            return method.loss(nnx.merge(graphdef, params), batch, jax.random.PRNGKey(3))[0]
+        return jax.value_and_grad(f)(state)
+
+    loss, grads = loss_and_grad(state)
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    flat = jax.tree.leaves(nnx.to_pure_dict(grads))
+    assert all(np.isfinite(g).all() for g in flat)
+    # every parameter learns something except the null-class row, absent in this batch
+    nonzero = [float(jnp.abs(g).max()) > 0 for g in flat]
+    assert sum(nonzero) == len(flat), sum(nonzero)
+
+    sample = jax.jit(lambda s, use_cache: method.sample(nnx.merge(graphdef, s), jax.random.PRNGKey(4),
+                                                        batch["label"], cfg_scale=2.0, use_cache=use_cache),
+                     static_argnums=1)
+    cached, uncached = sample(state, True), sample(state, False)
+    assert cached.shape == (4, 8, 8, 1)
+    assert np.isfinite(np.asarray(cached)).all()
+    np.testing.assert_allclose(cached, uncached, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_config("cell")
+    method = get_method(config)
+    return config, method, perturbed_model(method)
+
+
+def _sample(model, labels, **kw):
+    fn = jax.jit(lambda state: xar.sample_tokens(nnx.merge(nnx.graphdef(model), state), jax.random.PRNGKey(5),
+                                                 labels, **kw))
+    return np.asarray(fn(nnx.state(model)))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_ode_samplers_agree_with_and_without_cache(tiny, method):
+    _, _, model = tiny
+    labels = jnp.array([1, 2], jnp.int32)
+    a = _sample(model, labels, num_steps=2, cfg_scale=1.5, method=method, use_cache=True)
+    b = _sample(model, labels, num_steps=2, cfg_scale=1.5, method=method, use_cache=False)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_guidance_scale_one_equals_no_guidance(tiny):
+    _, _, model = tiny
+    labels = jnp.array([1, 2], jnp.int32)
+    unguided = _sample(model, labels, num_steps=3, cfg_scale=1.0, guided=False)
+    doubled = _sample(model, labels, num_steps=3, cfg_scale=1.0, guided=True)
+    np.testing.assert_allclose(doubled, unguided, atol=1e-5, rtol=0)
+    guided = _sample(model, labels, num_steps=3, cfg_scale=3.0)
+    assert np.abs(guided - unguided).max() > 1e-3
+
+
+def test_null_class_is_honoured(tiny):
+    config, method, model = tiny
+    null = jnp.full((2,), config.model.num_classes, jnp.int32)
+    # Guiding the null class towards itself changes nothing: cond == uncond.
+    plain = _sample(model, null, num_steps=3, cfg_scale=1.0, guided=True)
+    guided = _sample(model, null, num_steps=3, cfg_scale=4.0)
+    np.testing.assert_allclose(guided, plain, atol=1e-5, rtol=0)
+    # The null row is a real embedding, distinct from every class.
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4))
+    t = jnp.full((2, 4), 0.5)
+    assert float(jnp.abs(model(x, t, null) - model(x, t, jnp.array([0, 0]))).max()) > 1e-4
+    # Label dropout sends every label to the null class at p = 1.
+    dropped = model.class_emb.drop_labels(jnp.arange(8) % 10, jax.random.PRNGKey(0))
+    assert model.class_emb.dropout_prob == pytest.approx(0.1)
+    model.class_emb.dropout_prob = 1.0
+    try:
+        assert (model.class_emb.drop_labels(jnp.arange(8) % 10, jax.random.PRNGKey(0)) == 10).all()
+    finally:
+        model.class_emb.dropout_prob = 0.1
+    assert (dropped <= 10).all()
+
+
+def test_noisy_context_learning_noises_each_entity_at_its_own_time(tiny):
+    _, method, model = tiny
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4))
+    noise = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 4))
+    t = jnp.array([[0.1, 0.4, 0.7, 0.9], [0.2, 0.3, 0.5, 0.6]])
+    z, target, v, loss = xar.noisy_context_terms(model, x, jnp.array([1, 2]), t, noise)
+    for e in range(4):
+        sl = slice(4 * e, 4 * e + 4)
+        np.testing.assert_allclose(z[:, sl], (1 - t[:, e, None, None]) * x[:, sl] + t[:, e, None, None] * noise[:, sl],
+                                   atol=1e-6)
+    np.testing.assert_allclose(target, noise - x, atol=1e-6)
+    assert float(loss) == pytest.approx(float(jnp.mean((v - target) ** 2)), rel=1e-6)
+    # entity-causal: the prediction for cell 0 ignores later cells
+    z2 = z.at[:, 4:].set(0.0)
+    np.testing.assert_allclose(model(z2, t, jnp.array([1, 2]))[:, :4], v[:, :4], atol=1e-5)
+
+
+def test_euler_maruyama_grid_and_cfg_ramp_follow_upstream():
+    grid = xar.time_grid("euler_maruyama", 40)
+    assert grid[0] == 1.0 and grid[-2] == pytest.approx(0.04) and grid[-1] == 0.0 and len(grid) == 41
+    ramp = [float(xar.cfg_ramp(2.7, e, 4)) for e in range(4)]
+    np.testing.assert_allclose(ramp, [1.0, 1.0 + 1.7 / 3, 1.0 + 3.4 / 3, 2.7], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the demo trains end to end
+@pytest.mark.slow
+def test_demo_config_trains_on_the_embedded_data(tmp_path):
+    proc = run_python(["-m", "trainers.main", "--config=configs/xar_b.py:demo", f"--workdir={tmp_path}",
+                       "--config.num_steps=4", "--config.batch_size=8", "--config.log_every=1",
+                       "--config.optim.warmup_steps=2", "--config.checkpoint_every=4", "--config.num_grid_samples=4",
+                       "--config.sample.num_steps=2", "--config.sample_batch_size=4"], timeout=900)
+    assert "loss" in proc.stdout.lower() or any(tmp_path.iterdir())
