@@ -287,9 +287,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 f"(step {manager.latest_step()}) in {checkpoint.checkpoint_dir(workdir)} is intact.")
 
     def write_grid(step):
-        if sampler is None:
-            return
         n = config.num_grid_samples
+        if sampler is None or n == 0:
+            return
         labels = grid_labels(sample_batch_size(n, mesh), config.data.num_classes)
         params = state["ema_params"] if config.sample.use_ema else state["params"]
         images = images_to_uint8(jax.device_get(sampler(params, state["rest"], jax.random.PRNGKey(config.seed),

@@ -1,0 +1,64 @@
+"""Run by tests/test_train_loop.py with 8 simulated CPU devices: the DiT train loop on a
+(data=2, fsdp=2, tensor=2) mesh against the same loop on one device."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from tests.conftest import tiny_dit_config  # noqa: E402
+from trainers import train  # noqa: E402
+
+
+def losses(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [loss for row in rows for loss in row["per_step_loss"]]
+
+
+def main(root):
+    assert jax.device_count() == 8, jax.devices()
+    base = dict(num_steps=5, checkpoint_every=5, num_grid_samples=0)
+    sharded_cfg = tiny_dit_config(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    single_cfg = tiny_dit_config(**base, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+    sharded = train.train_and_evaluate(sharded_cfg, f"{root}/sharded")
+    single = train.train_and_evaluate(single_cfg, f"{root}/single", devices=jax.devices()[:1])
+
+    report = {"losses_sharded": losses(f"{root}/sharded"), "losses_single": losses(f"{root}/single")}
+    # Per tensor: max|a - b| / max(1, max|b|) (the golden-fixture form); and over the whole tree:
+    # ||a - b|| / ||b||. Reduction order differs between meshes, so bit-equality is not expected.
+    worst, where, diff_sq, ref_sq = 0.0, "", 0.0, 0.0
+    for tree in ("params", "ema_params"):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded[tree]), jax.tree.leaves(single[tree])):
+            a, b = np.asarray(jax.device_get(a), np.float64), np.asarray(jax.device_get(b), np.float64)
+            rel = float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(b))))
+            diff_sq += float(np.sum((a - b) ** 2))
+            ref_sq += float(np.sum(b ** 2))
+            if rel > worst:
+                worst, where = rel, tree + jax.tree_util.keystr(path)
+    report["max_param_rel_diff"] = worst
+    report["worst_param"] = where
+    report["tree_rel_diff"] = (diff_sq / ref_sq) ** 0.5
+    p = sharded["params"]["blocks"][0]
+    report["specs"] = {
+        "qkv": str(p["attn"]["qkv"]["kernel"].sharding.spec),
+        "fc1": str(p["mlp"]["fc1"]["kernel"].sharding.spec),
+        "fc2": str(p["mlp"]["fc2"]["kernel"].sharding.spec),
+        "fc1_bias": str(p["mlp"]["fc1"]["bias"].sharding.spec),
+        "adam_mu_fc1": None,
+    }
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(sharded["opt_state"])
+          if "fc1" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
+    report["specs"]["adam_mu_fc1"] = str(mu[0].sharding.spec)
+    report["expected"] = {"qkv": str(P("fsdp", "tensor")), "fc1": str(P("fsdp", "tensor")),
+                          "fc2": str(P("tensor", "fsdp")), "fc1_bias": str(P("tensor")),
+                          "adam_mu_fc1": str(P("fsdp", "tensor"))}
+    print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
