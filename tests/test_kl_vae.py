@@ -195,6 +195,7 @@ def test_sharded_train_step_matches_single_device():
     proc = subprocess.run([sys.executable, __file__, "sharded-worker"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout[-2000:])
     assert "SHARDED OK" in proc.stdout
 
 
@@ -224,10 +225,20 @@ def _sharded_worker():
     new_state, metrics = p_step(sharded, jax.device_put(batch, batch_sh), rng)
     for k in ref_metrics:
         np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=2e-4, atol=1e-5, err_msg=k)
-    diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), new_state, ref_state)
-    worst = max(jax.tree.leaves(diffs))
-    print(f"max |sharded - single| over the new state: {worst:.2e}")
-    assert worst < 1e-4, worst
+    def rel(a, b):  # Adam's second moments reach ~1e4 here: compare relative to each leaf's scale
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
+
+    diffs = sorted(((jax.tree_util.keystr(p), d) for p, d in
+                    jax.tree_util.tree_leaves_with_path(jax.tree.map(rel, new_state, ref_state))), key=lambda kv: -kv[1])
+    print("largest differences:", diffs[:5])
+    # The attention key bias shifts every logit of a query equally, so softmax ignores it: its true
+    # gradient is 0 and Adam turns the rounding noise into a step of about lr. Bound those by 2 lr.
+    key_bias = [(p, d) for p, d in diffs if p.startswith("['params']") and "['k']['bias']" in p]
+    assert key_bias and all(d <= 2 * config.optim.lr for _, d in key_bias), key_bias
+    path, worst = next((p, d) for p, d in diffs if (p, d) not in key_bias)
+    print(f"max relative |sharded - single| over the new state: {worst:.2e} at {path}")
+    assert worst < 1e-4, (worst, path)
     print("SHARDED OK")
 
 
