@@ -14,6 +14,7 @@ the newest complete checkpoint.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -56,19 +57,43 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter=Non
     import grain
 
     steps = sorted(manager.all_steps(), reverse=True)
+    unreadable = []
+    found = (None, None)
     for step in steps:
         try:
             items = {STATE: ocp.args.StandardRestore(abstract_state)}
             if data_iter is not None and _has_item(manager, step, DATA_ITER):
                 items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
             restored = manager.restore(step, args=ocp.args.Composite(**items))
-            return step, restored[STATE]
+            found = (step, restored[STATE])
+            break
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
             logging.warning("checkpoint at step %d is unreadable (%s: %s); falling back to the previous one",
                             step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             print(f"WARNING: checkpoint at step {step} is unreadable ({type(e).__name__}); "
                   "falling back to the previous one", flush=True)
-    return None, None
+            unreadable.append(step)
+    if unreadable:
+        _set_aside(manager, unreadable)
+    return found
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps) -> None:
+    """Move unreadable step directories to checkpoints_unreadable/ (kept for inspection, never deleted),
+    so that the resumed run can save those steps again."""
+    root = Path(manager.directory)
+    aside = root.parent / "checkpoints_unreadable"
+    if jax.process_index() == 0:
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}-{int(time.time())}"
+            (root / str(step)).rename(target)
+            print(f"moved unreadable checkpoint {root / str(step)} to {target}", flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("checkpoint_set_aside")
+    manager.reload()
 
 
 def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
