@@ -16,7 +16,6 @@ diffusers ``.safetensors``), the golden-fixture check, and the training method
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -203,9 +202,6 @@ class Decoder(nnx.Module):
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(nnx.swish(self.norm_out(h)))
-
-    def last_layer_path(self) -> tuple[str, ...]:
-        return ("decoder", "conv_out", "kernel")
 
 
 # ----------------------------------------------------------------------------
