@@ -98,3 +98,20 @@ def test_dataset_images_from_a_run_config(tmp_path):
     config.data.image_size = 32
     images = make_ref.dataset_images(config, num=20)
     assert images.shape == (20, 32, 32, 1) and images.dtype == np.uint8 and images.max() > 200
+
+
+def test_batched_apply_over_several_devices_keeps_order_and_drops_padding():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import jax, numpy as np\n"
+            "from eval.inception import batched_apply\n"
+            "x = np.random.RandomState(0).rand(11, 3, 3, 1).astype(np.float32)\n"
+            "f = jax.jit(lambda b: {'s': (b * b).sum((1, 2, 3))})\n"
+            "o = batched_apply(f, x, batch_size=3, progress=False)['s']\n"
+            "assert len(jax.devices()) == 4 and o.shape == (11,)\n"
+            "np.testing.assert_allclose(o, (x * x).sum((1, 2, 3)), rtol=1e-6)\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
