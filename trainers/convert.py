@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
             raise SystemExit("import needs --config=configs/<model>.py[:variant] describing the checkpoint's model")
         from trainers import config_validation
 
-        config_validation.validate(config)
+        config_validation.validate(config, check_data=False)  # the data need not exist to convert
         path = import_checkpoint(kind, src, flags.FLAGS.out, config)
         print(f"wrote {path}")
         return 0

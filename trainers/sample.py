@@ -80,9 +80,13 @@ def main(argv):
         out = Path(FLAGS.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out, arr_0=images, arr_1=labels)
-        grid_path = out.with_suffix(".png")
-        train.save_png(grid_path, train.make_grid(images[: min(len(images), 100)]))
-        print(f"wrote {out} ({images.shape}, uint8) and {grid_path}", flush=True)
+        print(f"wrote {out} ({images.shape}, uint8)", flush=True)
+        if images.shape[-1] in (1, 3):
+            grid_path = out.with_suffix(".png")
+            train.save_png(grid_path, train.make_grid(images[: min(len(images), 100)]))
+            print(f"wrote {grid_path}", flush=True)
+        else:
+            print(f"no PNG grid: samples have {images.shape[-1]} channels (tokenizer latents)", flush=True)
 
 
 if __name__ == "__main__":
