@@ -248,3 +248,18 @@ def test_demo_config_end_to_end_then_sample_and_reimport(tmp_path):
             first = images
     np.testing.assert_array_equal(first, images)
     assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.slow
+def test_tokenizer_with_two_optimizers_trains_in_the_same_loop(tmp_path):
+    """The KL-VAE's own GAN train step runs inside the one loop: checkpoints, reconstruction grid, resume."""
+    workdir = tmp_path / "vae"
+    args = ["-m", "trainers.main", "--config=configs/kl_vae_f16.py:demo", f"--workdir={workdir}",
+            "--config.batch_size=4", "--config.log_every=1", "--config.checkpoint_every=2",
+            "--config.num_grid_samples=4", "--config.optim.warmup_steps=0"]
+    run_python([*args, "--config.num_steps=2"])
+    assert (workdir / "samples" / "step_00000002.png").exists()
+    again = run_python([*args, "--config.num_steps=3"])
+    assert "resumed from checkpoint at step 2" in again.stdout
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("d_loss" in r for r in rows)
