@@ -612,9 +612,18 @@ def import_xar(state_dict: dict[str, np.ndarray], config) -> dict:
         if any(k.startswith(wrapper + ".") for k in state_dict):
             state_dict = {k[len(wrapper) + 1:]: v for k, v in state_dict.items() if k.startswith(wrapper + ".")}
             break
-    model = XAR(config).create_model(nnx.Rngs(0))
-    load_into(model, state_dict)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    method = XAR(config)
+    abstract = nnx.eval_shape(lambda: method.create_model(nnx.Rngs(0)))  # shapes only: no init of 1B params
+    params = params_from_torch(state_dict, abstract)
+    expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    if jax.tree.structure(params) != jax.tree.structure(expected):
+        raise ValueError("checkpoint parameters do not match the model's parameter tree")
+    for path, ours, theirs in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(expected),
+                                  jax.tree.leaves(params)):
+        if tuple(ours.shape) != tuple(np.shape(theirs)):
+            raise ValueError(f"{jax.tree_util.keystr(path[0])}: checkpoint shape {np.shape(theirs)} != model "
+                             f"shape {tuple(ours.shape)} (check config.model sizes)")
+    return jax.tree.map(jnp.asarray, params)
 
 
 def _fixture_model(meta) -> XARNet:

@@ -38,6 +38,21 @@ def test_converter_rejects_a_checkpoint_of_another_layout():
         xar.params_from_torch({**params, **buffers}, token_model)
 
 
+def test_importer_reads_an_upstream_state_dict_for_a_config():
+    """``trainers.convert import xar`` path: upstream keys -> params of the model a config describes."""
+    _, params, buffers, inputs, outputs = convert.load_fixture(GOLDEN / "xar_net.npz")
+    config = xar_b.get_config()
+    config.model.update(hidden_size=64, encoder_depth=2, decoder_depth=2, num_heads=4)
+    imported = xar.IMPORTERS["xar"]({**params, **buffers}, config)
+    model_def = ModelDef(get_method(config))
+    model = model_def.merge(imported)
+    v = jitted(lambda m, x, t, y: m(x, t, y), model)(inputs["x_t"], inputs["t"], jnp.asarray(inputs["y"], jnp.int32))
+    np.testing.assert_allclose(v, outputs["v"], atol=1e-4 * max(1.0, np.abs(outputs["v"]).max()))
+    config.model.encoder_depth = 3
+    with pytest.raises(ValueError, match="encoder blocks"):
+        xar.IMPORTERS["xar"]({**params, **buffers}, config)
+
+
 # ----------------------------------------------------------------------------- sizes
 PAPER_PARAMS_M = {"B": 172.0, "L": 608.0, "H": 1190.0}
 
