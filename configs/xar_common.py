@@ -36,6 +36,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         input_size=16, patch_size=1, in_channels=16,  # MAR KL-16 latent of a 256px image: 16x16x16
         hidden_size=width, encoder_depth=depth, decoder_depth=depth, num_heads=heads, mlp_ratio=4.0,
         num_classes=1000, class_dropout_prob=0.1,
+        attn_dropout=0.1, proj_dropout=0.1,  # upstream main_mar.py defaults, which train.sh keeps
         entity=entity,  # the prediction entity X
         cell_size=8,  # X = cell: k x k tokens (upstream: 8x8 cells, 4 of them on the 16x16 grid)
         subsample_stride=2,  # X = subsample: entity (a, b) = tokens (a + 2i, b + 2j), 4 entities of 64
@@ -73,7 +74,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         # 4 cells of 4x4 (upstream's 4-cell structure at a quarter of the tokens).
         c.model.update(input_size=32, patch_size=4, in_channels=1, num_classes=10, hidden_size=64,
                        encoder_depth=2, decoder_depth=2, num_heads=4, cell_size=4, subsample_stride=2,
-                       scales=(1, 2, 4, 8))
+                       scales=(1, 2, 4, 8), attn_dropout=0.0, proj_dropout=0.0)
         c.data.name = "mnist_embedded"
         c.data.image_size = 32
         c.data.channels = 1

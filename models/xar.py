@@ -181,8 +181,9 @@ class GatedMlp(nnx.Module):
         self.fc1_x = layers.dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.fc2 = layers.dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(nnx.gelu(self.fc1_g(x), approximate=False) * self.fc1_x(x))
+    def __call__(self, x: jax.Array, rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+        """``rate``: dropout after the gate product (timm SwiGLU drop1); fc2's dropout is the caller's."""
+        return self.fc2(dropout(nnx.gelu(self.fc1_g(x), approximate=False) * self.fc1_x(x), rate, rng))
 
 
 class WeightedRMSNorm(nnx.Module):
@@ -195,24 +196,60 @@ class WeightedRMSNorm(nnx.Module):
         return layers.rms_norm(x) * self.weight[...].astype(x.dtype)
 
 
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class DropoutAttention(layers.Attention):
+    """The zoo's attention plus dropout on the attention weights (upstream SDPA ``dropout_p`` in training)."""
+
+    def __call__(self, x, *, mask=None, rope=None, kv_cache=None, return_kv=False, rate=0.0, rng=None):
+        if rng is None or rate == 0.0:
+            return super().__call__(x, mask=mask, rope=rope, kv_cache=kv_cache, return_kv=return_kv)
+        if kv_cache is not None or return_kv:
+            raise ValueError("attention dropout is a training-time op; the KV cache is for sampling")
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, H, N, d)
+        if rope is not None:
+            q, k = rope(q, k)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32) * q.shape[-1] ** -0.5, k.astype(jnp.float32))
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = dropout(jax.nn.softmax(logits, axis=-1), rate, rng)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(jnp.float32)).astype(v.dtype)
+        return self.proj(jnp.moveaxis(out, 1, 2).reshape(b, n, c))
+
+
 class Block(nnx.Module):
     """RMSNorm -> modulated attention / GELU-gated MLP, each scaled by its own gamma (upstream Block)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype):
-        self.attn = layers.Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.attn = DropoutAttention(dim, num_heads, rngs=rngs, dtype=dtype)
         self.mlp = GatedMlp(dim, int(dim * mlp_ratio * 2 / 3), rngs=rngs, dtype=dtype)
         # VAR-style adaLN, not zero-initialised (upstream initialises every Linear xavier-uniform).
         self.ada_lin = layers.dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, cond, row_entity, *, mask, rope, kv_cache=None, return_kv=False):
-        """x (B, n, D); cond (B, e, D) one row per entity; row_entity (n,) which row each token uses."""
+    def __call__(self, x, cond, row_entity, *, mask, rope, kv_cache=None, return_kv=False,
+                 attn_dropout=0.0, proj_dropout=0.0, dropout_rng=None):
+        """x (B, n, D); cond (B, e, D) one row per entity; row_entity (n,) which row each token uses.
+
+        Dropout as upstream training (main_mar.py: attn_dropout = proj_dropout = 0.1): on the attention
+        weights, after the attention projection, after the MLP's gate product and after its fc2.
+        """
+        rngs = [None] * 4 if dropout_rng is None else list(jax.random.split(dropout_rng, 4))
         ada = jnp.take(self.ada_lin(nnx.silu(cond)), row_entity, axis=1)  # per entity, then broadcast
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada.astype(x.dtype), 6, axis=-1)
         attn = self.attn(layers.rms_norm(x) * (1 + scale1) + shift1, mask=mask, rope=rope, kv_cache=kv_cache,
-                         return_kv=return_kv)
+                         return_kv=return_kv, rate=attn_dropout, rng=rngs[0])
         attn, new_kv = attn if return_kv else (attn, None)
-        x = x + attn * gamma1
-        x = x + self.mlp(layers.rms_norm(x) * (1 + scale2) + shift2) * gamma2
+        x = x + dropout(attn, proj_dropout, rngs[1]) * gamma1
+        mlp = self.mlp(layers.rms_norm(x) * (1 + scale2) + shift2, proj_dropout, rngs[2])
+        x = x + dropout(mlp, proj_dropout, rngs[3]) * gamma2
         return x, new_kv
 
 
@@ -222,7 +259,8 @@ class XARNet(nnx.Module):
 
     def __init__(self, *, layout: Layout, token_dim: int, hidden_size: int, encoder_depth: int,
                  decoder_depth: int, num_heads: int, mlp_ratio: float = 4.0, num_classes: int = 1000,
-                 class_dropout_prob: float = 0.1, rngs: nnx.Rngs, dtype=jnp.float32):
+                 class_dropout_prob: float = 0.1, attn_dropout: float = 0.0, proj_dropout: float = 0.0,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
         head_dim = hidden_size // num_heads
         if hidden_size % num_heads or head_dim % 4:
             raise ValueError(f"hidden_size={hidden_size} / num_heads={num_heads} must give a head dim divisible "
@@ -231,6 +269,7 @@ class XARNet(nnx.Module):
         self.token_dim = token_dim
         self.num_classes = num_classes
         self.num_heads = num_heads
+        self.attn_dropout, self.proj_dropout = attn_dropout, proj_dropout
         n = layout.num_tokens
         self.class_emb = layers.LabelEmbedder(num_classes, hidden_size, class_dropout_prob, rngs=rngs)
         self.time_embed = layers.TimestepEmbedder(hidden_size, rngs=rngs, dtype=dtype)
@@ -264,7 +303,7 @@ class XARNet(nnx.Module):
         return self.class_emb(labels)[:, None] + time
 
     def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array, *, token_index=None, row_entity=None,
-                 kv_cache=None, kv_valid=None, return_kv: bool = False):
+                 kv_cache=None, kv_valid=None, return_kv: bool = False, dropout_rng=None):
         """Velocity for the tokens ``x`` at sequence positions ``token_index``.
 
         x (B, n, C); t (B, e): the time of each of the e entities present; labels (B,) int.
@@ -272,6 +311,7 @@ class XARNet(nnx.Module):
         row_entity (n,): index into t's e entities for each row (default: the layout's entity ids).
         kv_cache: one (k, v) of (B, H, m, head_dim) per block (encoder then decoder) of earlier tokens;
         kv_valid (m,) bool marks the cache slots that hold tokens (all when None).
+        dropout_rng: training only; enables the model's dropout.
         Returns (B, n, C) and, with return_kv, the (k, v) of this call's tokens per block.
         """
         from trainers.sharding import constrain
@@ -304,7 +344,9 @@ class XARNet(nnx.Module):
                 h = self.decoder_embed(self.encoder_norm(h))
                 h = h + jnp.take(self.decoder_pos_embed[...], jnp.asarray(token_index), axis=0).astype(h.dtype)
             h, kv = block(h, cond, row_entity, mask=mask, rope=rope,
-                          kv_cache=None if kv_cache is None else kv_cache[i], return_kv=return_kv)
+                          kv_cache=None if kv_cache is None else kv_cache[i], return_kv=return_kv,
+                          attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
+                          dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
             h = constrain(h, ("act_batch", "act_len", "act_embed"))
             new_kv.append(kv)
         out = self.pred(self.decoder_norm(h)).astype(jnp.float32)
@@ -317,7 +359,8 @@ def sample_logit_normal(rng: jax.Array, shape, mu: float = 0.0, sigma: float = 1
     return jax.nn.sigmoid(mu + sigma * jax.random.normal(rng, shape))
 
 
-def noisy_context_terms(model: XARNet, x: jax.Array, labels: jax.Array, t: jax.Array, noise: jax.Array):
+def noisy_context_terms(model: XARNet, x: jax.Array, labels: jax.Array, t: jax.Array, noise: jax.Array,
+                        dropout_rng: jax.Array | None = None):
     """Noisy Context Learning for clean tokens x (B, N, C), per-entity t (B, E), noise (B, N, C).
 
     Every entity is noised at its own time and all are predicted at once under the
@@ -326,7 +369,7 @@ def noisy_context_terms(model: XARNet, x: jax.Array, labels: jax.Array, t: jax.A
     t_tok = jnp.take(t, jnp.asarray(model.layout.entity_of_token), axis=1)[..., None]
     z = (1 - t_tok) * x + t_tok * noise  # linear path: alpha_t = 1 - t, sigma_t = t
     target = noise - x  # d alpha_t / dt * x + d sigma_t / dt * eps
-    v = model(z, t, labels)
+    v = model(z, t, labels, dropout_rng=dropout_rng)
     loss = jnp.mean(jnp.square(v - target))
     return z, target, v, loss
 
@@ -390,6 +433,9 @@ class XAR(Method):
         if m.hidden_size % m.num_heads or (m.hidden_size // m.num_heads) % 4:
             raise ValueError(f"config.model.hidden_size={m.hidden_size} / config.model.num_heads={m.num_heads} "
                              "must give a head dim divisible by 4 (2-D RoPE)")
+        for field in ("attn_dropout", "proj_dropout", "class_dropout_prob"):
+            if not 0.0 <= m[field] < 1.0:
+                raise ValueError(f"config.model.{field}={m[field]}: must be in [0, 1)")
         if s.method not in SAMPLERS:
             raise ValueError(f"config.sample.method={s.method!r}: must be one of {SAMPLERS}")
         if s.num_steps < 1:
@@ -408,7 +454,8 @@ class XAR(Method):
         return XARNet(layout=self.layout(), token_dim=m.in_channels * m.patch_size ** 2, hidden_size=m.hidden_size,
                       encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth, num_heads=m.num_heads,
                       mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
-                      rngs=rngs, dtype=jnp.dtype(self.config.compute_dtype))
+                      attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, rngs=rngs,
+                      dtype=jnp.dtype(self.config.compute_dtype))
 
     def to_tokens(self, model: XARNet, x: jax.Array) -> jax.Array:
         """(B, H, W, C) image or latent -> (B, N, p*p*C) token sequence."""
@@ -423,12 +470,12 @@ class XAR(Method):
 
     def loss(self, model: XARNet, batch, rng):
         x_data = batch["latent"] if "latent" in batch else batch["image"]
-        rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
+        rng_t, rng_noise, rng_drop, rng_dropout = jax.random.split(rng, 4)
         x = self.to_tokens(model, x_data.astype(jnp.float32))
         t = sample_logit_normal(rng_t, (x.shape[0], model.layout.num_entities))
         noise = jax.random.normal(rng_noise, x.shape)
         labels = model.class_emb.drop_labels(batch["label"], rng_drop)
-        _, _, _, loss = noisy_context_terms(model, x, labels, t, noise)
+        _, _, _, loss = noisy_context_terms(model, x, labels, t, noise, dropout_rng=rng_dropout)
         return loss, {"loss": loss}
 
     def sample(self, model: XARNet, rng: jax.Array, labels: jax.Array, *, num_steps: int | None = None,

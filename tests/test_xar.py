@@ -145,10 +145,10 @@ def test_rope_rotates_by_relative_position():
 
 # ----------------------------------------------------------------------------- tiny models per entity
 def tiny_config(entity="cell"):
-    """8x8x1 pixels, patch 2 -> a 4x4 grid of 4-channel tokens; width 16, 1+1 blocks."""
+    """8x8x1 pixels, patch 2 -> a 4x4 grid of 4-channel tokens; width 16, 1+1 blocks; upstream's dropout."""
     c = xar_b.get_config("demo," + entity)
     c.model.update(input_size=8, patch_size=2, hidden_size=16, encoder_depth=1, decoder_depth=1, num_heads=2,
-                   cell_size=2, subsample_stride=2, scales=(1, 2, 4))
+                   cell_size=2, subsample_stride=2, scales=(1, 2, 4), attn_dropout=0.1, proj_dropout=0.1)
     c.data.image_size = 8
     c.sample.num_steps = 3
     return c
@@ -287,6 +287,28 @@ def test_noisy_context_learning_noises_each_entity_at_its_own_time(tiny):
     z2 = z.at[:, 4:].set(0.0)
     forward = jitted(lambda m, x, t, y: m(x, t, y), model)
     np.testing.assert_allclose(forward(z2, t, jnp.array([1, 2]))[:, :4], v[:, :4], atol=1e-5)
+
+
+def test_dropout_is_training_only_and_random(tiny):
+    """Upstream trains with attention/projection dropout 0.1; no rng (sampling, fixtures) means none."""
+    _, _, model = tiny
+    rates = model.attn_dropout, model.proj_dropout
+    model.attn_dropout = model.proj_dropout = 0.3
+    try:
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4))
+        t, y = jnp.full((2, 4), 0.5), jnp.array([1, 2])
+        forward = jitted(lambda m, rng: m(x, t, y, dropout_rng=rng), model)
+        plain = jitted(lambda m: m(x, t, y), model)()
+        a, b = forward(jax.random.PRNGKey(1)), forward(jax.random.PRNGKey(2))
+        assert float(jnp.abs(a - b).max()) > 1e-3 and float(jnp.abs(a - plain).max()) > 1e-3
+    finally:
+        model.attn_dropout, model.proj_dropout = rates
+    model.attn_dropout = model.proj_dropout = 0.0
+    try:
+        without = jitted(lambda m: m(x, t, y, dropout_rng=jax.random.PRNGKey(1)), model)()
+    finally:
+        model.attn_dropout, model.proj_dropout = rates
+    np.testing.assert_allclose(without, plain, atol=1e-6)
 
 
 def test_euler_maruyama_grid_and_cfg_ramp_follow_upstream():
