@@ -145,7 +145,7 @@ def load(path: str | Path):
             return _Unpickler(f, archive, root).load()
 
 
-def load_state_dict(path: str | Path, *, keys_under: tuple[str, ...] = ("ema", "model", "state_dict", "module")):
+def load_state_dict(path: str | Path, *, keys_under: tuple[str, ...] = ("model_ema", "ema", "model", "state_dict", "module")):
     """A flat {name: np.ndarray} state_dict; unwraps common wrappers such as ``{"model": sd}``."""
     obj = load(path)
     for key in keys_under:
