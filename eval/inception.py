@@ -401,6 +401,10 @@ def batched_apply(fn: Callable[[jax.Array], dict], images: np.ndarray, *, batch_
         if real < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
         out = fn(jax.device_put(batch, sharding))
+        if jax.process_count() > 1:  # every process gets the whole batch's outputs
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
         for k, v in out.items():
             chunks.setdefault(k, []).append(np.asarray(v)[:real])
     return {k: np.concatenate(v) for k, v in chunks.items()}

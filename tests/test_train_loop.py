@@ -130,7 +130,9 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    common = ["--config.num_steps=5", "--config.checkpoint_every=5", "--config.num_grid_samples=0"]
+    # Grids and evaluation gather global arrays across processes: exercised here too.
+    common = ["--config.num_steps=5", "--config.checkpoint_every=5", "--config.num_grid_samples=4",
+              "--config.eval.num_samples=16"]
     single = tmp_path / "single"
     run_python(train_args(single, *common), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     multi = tmp_path / "multi"
@@ -144,6 +146,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     np.testing.assert_allclose(per_step_losses(multi), per_step_losses(single), rtol=1e-5)
     assert len(per_step_losses(multi)) == 5
+    assert (multi / "samples" / "step_00000005.png").exists() and (multi / "scores.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------- configs

@@ -40,9 +40,7 @@ def generate(config, sampler: "train.Sampler", state, mesh, num_samples: int, *,
         chunk = labels[i * batch:(i + 1) * batch]
         padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
         x = sampler(params, state["rest"], jax.random.fold_in(base, i), padded)
-        x = jax.device_get(jax.experimental.multihost_utils.process_allgather(x, tiled=True)) \
-            if jax.process_count() > 1 else jax.device_get(x)
-        out.append(train.images_to_uint8(x)[: len(chunk)])
+        out.append(train.images_to_uint8(train.fetch_global(x))[: len(chunk)])
     return np.concatenate(out)[:num_samples], labels
 
 

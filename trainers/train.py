@@ -165,6 +165,15 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
             for k, v in batch.items()}
 
 
+def fetch_global(x) -> np.ndarray:
+    """A global (possibly multi-host) array as numpy on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def images_to_uint8(x) -> np.ndarray:
     """[-1, 1] floats (B, H, W, C) -> uint8."""
     return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
@@ -353,12 +362,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         params = state["ema_params"] if config.sample.use_ema else state["params"]
         if sampler is not None:
             labels = grid_labels(sample_batch_size(n, mesh), config.data.num_classes)
-            images = images_to_uint8(jax.device_get(sampler(params, state["rest"],
-                                                            jax.random.PRNGKey(config.seed), labels)))[:n]
+            images = images_to_uint8(fetch_global(sampler(params, state["rest"],
+                                                          jax.random.PRNGKey(config.seed), labels)))[:n]
         else:  # originals and their reconstructions, interleaved
             originals = grid_batch["image"]
-            recon = images_to_uint8(jax.device_get(reconstructor(params, state["rest"], originals)))
-            originals = images_to_uint8(jax.device_get(originals))
+            recon = images_to_uint8(fetch_global(reconstructor(params, state["rest"], originals)))
+            originals = images_to_uint8(fetch_global(originals))
             k = min(n, len(originals))
             images = np.stack([originals[:k], recon[:k]], axis=1).reshape(2 * k, *recon.shape[1:])
         if images.shape[-1] in (1, 3) and is_main:
@@ -450,6 +459,10 @@ def dataset_images(config, num: int, *, seed: int) -> np.ndarray:
     out, have = [], 0
     while have < num:
         batch = next(it)["image"]
+        if jax.process_count() > 1:  # every process evaluates the same (global) images
+            from jax.experimental import multihost_utils
+
+            batch = multihost_utils.process_allgather(batch, tiled=True)
         out.append(images_to_uint8(batch))
         have += len(batch)
     return np.concatenate(out)[:num]
@@ -477,7 +490,7 @@ def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, r
             pad = config.batch_size - len(x)
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
             x = jax.device_put(x, sharding.batch_sharding(mesh, 4))
-            chunks.append(images_to_uint8(jax.device_get(reconstructor(params, state["rest"], x)))[:len(x) - pad])
+            chunks.append(images_to_uint8(fetch_global(reconstructor(params, state["rest"], x)))[:len(x) - pad])
         images = np.concatenate(chunks)
     if images.shape[-1] not in (1, 3):
         logging.warning("evaluation skipped: samples have %d channels (latents); decode them first", images.shape[-1])
