@@ -93,10 +93,11 @@ def _xla_flops(compiled) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def build(size: str, batch_size: int):
+def build(size: str, batch_size: int, remat: bool = False):
     """(compiled train step, state, batch, config, n_params, xla_flops) as the loop builds them."""
     config = CONFIGS[size].get_config("p2")
     config.batch_size = batch_size
+    config.model.remat = remat
     mesh = sharding.make_mesh(config.mesh)
     method = get_method(config)
     model_def = ModelDef(method)
@@ -144,8 +145,8 @@ def make_matmul(m: int, k: int, n: int):
     return run, 2.0 * m * k * n
 
 
-def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int) -> dict:
-    compiled, state, batch, config, n_params, xla_flops, compile_s = build(size, batch_size)
+def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int, remat: bool = False) -> dict:
+    compiled, state, batch, config, n_params, xla_flops, compile_s = build(size, batch_size, remat)
     m = config.model
     tokens = (m.input_size // m.patch_size) ** 2
     model_flops = 3.0 * dit_forward_flops(m) * batch_size
@@ -180,7 +181,7 @@ def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int)
     first = next(iter(mm_rates))
     per_round = [model_flops / t / max(np.median(mm_rates[n][i * matmul_reps:(i + 1) * matmul_reps])
                                        for n in mm_rates) for i, t in enumerate(step_times)]
-    return dict(model=f"DiT-{size}/2", params=n_params, batch=batch_size, tokens=tokens, step=step,
+    return dict(model=f"DiT-{size}/2" + (" remat" if remat else ""), params=n_params, batch=batch_size, tokens=tokens, step=step,
                 step_min=float(step_times.min()), step_max=float(step_times.max()),
                 model_gflop=model_flops / 1e9, xla_gflop=xla_flops / 1e9, model_tflops=model_flops / step / 1e12,
                 xla_tflops=xla_flops / step / 1e12, mm=mm_medians, mm_spread={
@@ -197,6 +198,9 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="timed train steps (after warmup)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed train steps after compilation")
     parser.add_argument("--matmul_reps", type=int, default=3, help="matmul timings per shape per round")
+    parser.add_argument("--remat", default="off,on",
+                        help="model.remat variants to run side by side: off, on or off,on (recompute each "
+                             "block in the backward; model FLOPs are counted without the recompute)")
     parser.add_argument("--xla_flags", default="",
                         help="extra XLA_FLAGS, applied before the backend starts (e.g. CPU threading flags)")
     args = parser.parse_args()
@@ -209,8 +213,10 @@ def main():
           f"f32 compute; {args.steps} timed steps after {args.warmup} warmup")
     batches = {"S": args.batch_s, "B": args.batch_b}
     rows = []
-    for size in [s.strip().upper() for s in args.models.split(",") if s.strip()]:
-        r = bench(size, batches[size], args.steps, args.warmup, args.matmul_reps)
+    variants = [{"off": False, "on": True}[v.strip()] for v in args.remat.split(",") if v.strip()]
+    sizes = [s.strip().upper() for s in args.models.split(",") if s.strip()]
+    for size, remat in [(size, remat) for size in sizes for remat in variants]:
+        r = bench(size, batches[size], args.steps, args.warmup, args.matmul_reps, remat)
         rows.append(r)
         mm = ", ".join(f"{n}: {v / 1e9:.1f} GFLOP/s ({r['mm_spread'][n][0] / 1e9:.1f}..{r['mm_spread'][n][1] / 1e9:.1f})"
                        for n, v in r["mm"].items())

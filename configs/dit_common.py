@@ -27,7 +27,8 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c = common.base()
     c.model = ml_collections.ConfigDict(dict(
         name="dit", input_size=32, patch_size=patch, in_channels=4, hidden_size=width, depth=depth,
-        num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True))
+        num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
+        remat=False))  # remat: recompute each block's activations in the backward pass
     # ImageNet 256 on SD-VAE latents (32x32x4, scale 0.18215), as DiT/SiT; the cache is built with
     # `python -m trainers.cache_latents` (KL-VAE tokenizer) and named here.
     c.data.name = "imagenet2012"

@@ -75,12 +75,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.model.update(input_size=32, patch_size=4, in_channels=1, num_classes=10, hidden_size=64,
                        encoder_depth=2, decoder_depth=2, num_heads=4, cell_size=4, subsample_stride=2,
                        scales=(1, 2, 4, 8), attn_dropout=0.0, proj_dropout=0.0)
-        c.data.name = "mnist_embedded"
-        c.data.image_size = 32
-        c.data.channels = 1
-        c.data.num_classes = 10
-        c.data.latents = ""
-        c.data.latent_scale = 1.0
+        common.embedded_demo_data(c, image_size=32)
         c.batch_size = 64
         c.num_steps = 1500
         c.optim.lr = 1e-3
@@ -96,4 +91,5 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.sample.num_steps = 20
         c.sample.cfg_scale = 2.0
         c.num_grid_samples = 40
+        c.eval.num_samples = 500  # scored at the end with the MNIST-feature FID / classifier IS
     return c

@@ -61,10 +61,12 @@ class DiT(nnx.Module):
 
     def __init__(self, *, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
+                 num_classes: int = 1000, learn_sigma: bool = True, remat: bool = False, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         self.patch_size = patch_size
+        self.remat = remat  # recompute each block in the backward pass (memory; see benchmarks/train_step.py)
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.num_classes = num_classes
@@ -87,8 +89,9 @@ class DiT(nnx.Module):
         h = h.reshape(b, gh * gw, d) + self.pos_embed[...].astype(h.dtype)
         h = constrain(h, ("act_batch", "act_len", "act_embed"))
         c = self.t_embedder(t) + self.y_embedder(y)
+        apply = nnx.remat(lambda block, h, c: block(h, c)) if self.remat else (lambda block, h, c: block(h, c))
         for block in self.blocks:
-            h = block(h, c)
+            h = apply(block, h, c)
         h = self.final_layer(h, c)
         return layers.unpatchify(h, self.patch_size, self.out_channels).astype(jnp.float32)
 
@@ -108,7 +111,8 @@ def build_network(model_config, rngs: nnx.Rngs, dtype=jnp.float32) -> DiT:
                in_channels=model_config.in_channels, hidden_size=model_config.hidden_size,
                depth=model_config.depth, num_heads=model_config.num_heads, mlp_ratio=model_config.mlp_ratio,
                class_dropout_prob=model_config.class_dropout_prob, num_classes=model_config.num_classes,
-               learn_sigma=model_config.learn_sigma, rngs=rngs, dtype=dtype)
+               learn_sigma=model_config.learn_sigma, remat=model_config.get("remat", False), rngs=rngs,
+               dtype=dtype)
 
 
 class DiTFlowMatching(Method):

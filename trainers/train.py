@@ -371,7 +371,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             k = min(n, len(originals))
             images = np.stack([originals[:k], recon[:k]], axis=1).reshape(2 * k, *recon.shape[1:])
         if images.shape[-1] in (1, 3) and is_main:
-            grid = make_grid(images)
+            # Class-conditional grids: one column per class (when there are few classes).
+            grid = make_grid(images, columns=config.data.num_classes if sampler is not None
+                             and config.data.num_classes <= 16 else None)
             save_png(Path(workdir) / "samples" / f"step_{step:08d}.png", grid)
             writer.write_images(step, {"samples": grid[None]})
 
