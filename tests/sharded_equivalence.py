@@ -9,10 +9,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
-from tests.conftest import tiny_dit_config  # noqa: E402
-from trainers import train  # noqa: E402
+from tests.conftest import tiny_dit_config, tiny_xar_config  # noqa: E402
+from trainers import sharding, train  # noqa: E402
+from trainers.method import ModelDef, get_method  # noqa: E402
 
 
 def losses(workdir):
@@ -20,11 +21,12 @@ def losses(workdir):
     return [loss for row in rows for loss in row["per_step_loss"]]
 
 
-def main(root):
+def main(root, model):
     assert jax.device_count() == 8, jax.devices()
     base = dict(num_steps=5, checkpoint_every=5, num_grid_samples=0)
-    sharded_cfg = tiny_dit_config(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    single_cfg = tiny_dit_config(**base, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+    make = {"dit": tiny_dit_config, "xar": tiny_xar_config}[model]
+    sharded_cfg = make(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    single_cfg = make(**base, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
     sharded = train.train_and_evaluate(sharded_cfg, f"{root}/sharded")
     single = train.train_and_evaluate(single_cfg, f"{root}/single", devices=jax.devices()[:1])
 
@@ -43,22 +45,25 @@ def main(root):
     report["max_param_rel_diff"] = worst
     report["worst_param"] = where
     report["tree_rel_diff"] = (diff_sq / ref_sq) ** 0.5
-    p = sharded["params"]["blocks"][0]
-    report["specs"] = {
-        "qkv": str(p["attn"]["qkv"]["kernel"].sharding.spec),
-        "fc1": str(p["mlp"]["fc1"]["kernel"].sharding.spec),
-        "fc2": str(p["mlp"]["fc2"]["kernel"].sharding.spec),
-        "fc1_bias": str(p["mlp"]["fc1"]["bias"].sharding.spec),
-        "adam_mu_fc1": None,
-    }
-    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(sharded["opt_state"])
-          if "fc1" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
-    report["specs"]["adam_mu_fc1"] = str(mu[0].sharding.spec)
-    report["expected"] = {"qkv": str(P("fsdp", "tensor")), "fc1": str(P("fsdp", "tensor")),
-                          "fc2": str(P("tensor", "fsdp")), "fc1_bias": str(P("tensor")),
-                          "adam_mu_fc1": str(P("fsdp", "tensor"))}
+    # Every parameter (and its EMA and Adam moments) is sharded as the logical-axis rules say.
+    mesh = sharding.make_mesh(sharded_cfg.mesh)
+    names = ModelDef(get_method(sharded_cfg)).param_names()
+    wrong, axes_used = [], set()
+    flat_names = dict(jax.tree_util.tree_leaves_with_path(
+        names, is_leaf=lambda x: x is None or isinstance(x, tuple)))
+    for tree in ("params", "ema_params"):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(sharded[tree]):
+            expected = sharding.logical_to_spec(flat_names[path], leaf.shape, mesh)
+            if not leaf.sharding.is_equivalent_to(NamedSharding(mesh, expected), leaf.ndim):
+                wrong.append(f"{tree}{jax.tree_util.keystr(path)}: {leaf.sharding.spec} != {expected}")
+            axes_used.update(a for a in jax.tree.leaves(tuple(leaf.sharding.spec)) if a)
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(sharded["opt_state"]) if leaf.ndim >= 2]
+    axes_used_mu = {a for leaf in mu for a in jax.tree.leaves(tuple(leaf.sharding.spec)) if a}
+    report["wrong_specs"] = wrong[:10]
+    report["axes_used"] = sorted(axes_used)
+    report["axes_used_by_adam_moments"] = sorted(axes_used_mu)
     print("REPORT " + json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "dit")
