@@ -61,12 +61,5 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.optim.schedule = "warmup_cosine"
         c.optim.warmup_steps = 100
         c.optim.grad_clip = 1.0
-        c.ema_rate = 0.995
-        c.log_every = 50
         c.checkpoint_every = 400
-        c.keep_every = 0
-        c.sample.num_steps = 20
-        c.sample.cfg_scale = 2.0
-        c.num_grid_samples = 40
-        c.eval.num_samples = 500  # scored at the end with the MNIST-feature FID / classifier IS
     return c

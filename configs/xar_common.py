@@ -84,12 +84,5 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.optim.warmup_steps = 100
         c.optim.constant_steps = 0
         c.optim.min_lr = 1e-5
-        c.ema_rate = 0.995
-        c.log_every = 50
         c.checkpoint_every = 500
-        c.keep_every = 0
-        c.sample.num_steps = 20
-        c.sample.cfg_scale = 2.0
-        c.num_grid_samples = 40
-        c.eval.num_samples = 500  # scored at the end with the MNIST-feature FID / classifier IS
     return c

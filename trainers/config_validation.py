@@ -74,15 +74,14 @@ def validate(config, *, num_devices: int | None = None, num_processes: int | Non
     if check_data:
         from trainers import data
 
-        try:
-            data.validate(config)
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    method = get_method(config)
+        _as_config_error(data.validate, config)
+    _as_config_error(get_method(config).validate_config, config)
+
+
+def _as_config_error(check, config) -> None:
+    """Run a module's own config check; its ValueErrors become ConfigErrors (same message)."""
     try:
-        method.validate_config(config)
+        check(config)
     except ConfigError:
         raise
     except ValueError as e:
