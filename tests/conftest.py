@@ -25,16 +25,7 @@ def tiny_dit_config(**overrides):
 
     c = dit_s.get_config("demo")
     c.model.update(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2)
-    c.data.image_size = 16
-    c.batch_size = 8
-    c.optim.warmup_steps = 2
-    c.log_every = 1
-    c.num_grid_samples = 4
-    c.sample.num_steps = 2
-    c.sample_batch_size = 8
-    c.eval.num_samples = 0
-    _apply(c, overrides)
-    return c
+    return _tiny_run(c, overrides)
 
 
 def tiny_xar_config(**overrides):
@@ -44,6 +35,11 @@ def tiny_xar_config(**overrides):
     c = xar_b.get_config("demo")
     c.model.update(input_size=16, patch_size=4, hidden_size=32, encoder_depth=1, decoder_depth=1, num_heads=2,
                    cell_size=2, scales=(1, 2, 4))
+    return _tiny_run(c, overrides)
+
+
+def _tiny_run(c, overrides):
+    """Loop settings every tiny test model shares (16x16 pixels, batch 8, log every step), then overrides."""
     c.data.image_size = 16
     c.batch_size = 8
     c.optim.warmup_steps = 2
@@ -52,17 +48,13 @@ def tiny_xar_config(**overrides):
     c.sample.num_steps = 2
     c.sample_batch_size = 8
     c.eval.num_samples = 0
-    _apply(c, overrides)
-    return c
-
-
-def _apply(c, overrides):
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
+    return c
 
 
 def run_python(args, *, env=None, timeout=600, check=True, cwd=REPO):
