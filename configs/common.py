@@ -85,6 +85,16 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def imagenet256_latents(c: ml_collections.ConfigDict, latents: str, latent_scale: float) -> None:
+    """ImageNet 256 (TFDS imagenet2012) read as cached tokenizer latents (trainers/cache_latents.py)."""
+    c.data.name = "imagenet2012"
+    c.data.image_size = 256
+    c.data.channels = 3
+    c.data.num_classes = 1000
+    c.data.latents = latents
+    c.data.latent_scale = latent_scale
+
+
 def embedded_demo_data(c: ml_collections.ConfigDict, image_size: int = 32) -> None:
     """Every ``demo`` variant: pixel space on the embedded MNIST digits, laptop-sized bookkeeping, and
     a score of 500 samples at the end (MNIST-feature FID / MNIST-classifier IS)."""

@@ -31,12 +31,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         remat=False))  # remat: recompute each block's activations in the backward pass
     # ImageNet 256 on SD-VAE latents (32x32x4, scale 0.18215), as DiT/SiT; the cache is built with
     # `python -m trainers.cache_latents` (KL-VAE tokenizer) and named here.
-    c.data.name = "imagenet2012"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.latents = "data_cache/imagenet2012_256_sd_vae"
-    c.data.latent_scale = 0.18215
+    common.imagenet256_latents(c, "data_cache/imagenet2012_256_sd_vae", 0.18215)
     # DiT paper: AdamW, lr 1e-4 constant, no weight decay, batch 256, EMA 0.9999, 400K steps.
     c.batch_size = 256
     c.num_steps = 400_000
