@@ -137,11 +137,8 @@ def load(path: str | Path):
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a torch zip checkpoint (legacy pre-1.6 pickles are not supported)")
     with zipfile.ZipFile(path) as archive:
-        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-        if not pkl:
-            raise ValueError(f"{path}: no data.pkl in the archive")
-        root = pkl[0][: -len("/data.pkl")]
-        with archive.open(pkl[0]) as f:
+        root = _archive_root(archive, path)
+        with archive.open(f"{root}/data.pkl") as f:
             return _Unpickler(f, archive, root).load()
 
 
