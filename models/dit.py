@@ -81,7 +81,8 @@ class DiT(nnx.Module):
                                 for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+        """``cond``: optional extra (B, hidden) conditioning added to t_emb + y_emb (MeanFlow's h embedding)."""
         from trainers.sharding import constrain
 
         h = self.x_embedder(x.astype(self.x_embedder.dtype))
@@ -89,6 +90,8 @@ class DiT(nnx.Module):
         h = h.reshape(b, gh * gw, d) + self.pos_embed[...].astype(h.dtype)
         h = constrain(h, ("act_batch", "act_len", "act_embed"))
         c = self.t_embedder(t) + self.y_embedder(y)
+        if cond is not None:
+            c = c + cond
         apply = nnx.remat(lambda block, h, c: block(h, c)) if self.remat else (lambda block, h, c: block(h, c))
         for block in self.blocks:
             h = apply(block, h, c)
