@@ -43,13 +43,30 @@ def _torch_table(bits, std):
     return edges.numpy(), np.asarray(means, np.float32)
 
 
+# torch's float32 erf/exp come from the CPU's vector kernels, which differ by an ulp or so between
+# CPUs of the same kind. The tail bins divide a difference of two pdf values by a tiny mass, so that
+# ulp grows: measured on two machines of the supported kind, 8 of 64 centroids of a 6-bit table
+# (and 8 of 128 at 7 bits) differ by up to 3.8e-6 (16 ulp at the table's largest magnitude).
+# Bit-equality is kept only against committed data (the golden fixture's tables, below); against
+# torch run here the bound is absolute.
+TORCH_FLOAT32_CENTROID_BOUND = 1e-5
+
+
 @pytest.mark.parametrize("bits", [1, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("std", [2.5, 3.0])
-def test_table_is_bit_identical_to_torch_float32(bits, std):
+def test_table_matches_torch_float32_within_bound(bits, std):
     edges, means = _torch_table(bits, std)
     ours_edges, ours_means = dq.gaussian_quantization_table(bits, std)
-    np.testing.assert_array_equal(ours_edges, edges)
-    np.testing.assert_array_equal(ours_means, means)
+    np.testing.assert_array_equal(ours_edges, edges)  # scipy's ppf then one float32 cast: exact anywhere
+    worst = float(np.max(np.abs(ours_means.astype(np.float64) - means)))
+    assert worst <= TORCH_FLOAT32_CENTROID_BOUND, f"centroids {worst:.2e} from torch float32"
+
+
+def test_table_is_bit_identical_to_the_fixture_tables(golden):
+    data = np.load(golden / "tokenbridge_quant.npz")
+    edges, means = dq.gaussian_quantization_table(int(data["in/bits"]), float(data["in/std_range"]))
+    np.testing.assert_array_equal(edges, data["out/boundaries"])
+    np.testing.assert_array_equal(means, data["out/reconstruction_values"])
 
 
 @pytest.mark.parametrize("variant", ["triton", "mosaic_tpu"])
