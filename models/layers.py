@@ -54,6 +54,27 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((x - mean) * jax.lax.rsqrt(var + eps)).astype(dtype)
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm with a learned scale and bias (torch nn.LayerNorm / timm's norm_layer), in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(x.astype(jnp.float32), self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation, sampling)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """RMSNorm without a weight, in float32."""
     dtype = x.dtype
@@ -116,13 +137,16 @@ class LabelEmbedder(nnx.Module):
         return self.embedding(labels)
 
 
-def attention_weights_and_values(q, k, v, mask=None):
-    """Softmax attention in float32. q (B, H, Nq, d), k/v (B, H, Nk, d); mask broadcastable to (B, H, Nq, Nk)."""
+def attention_weights_and_values(q, k, v, mask=None, dropout_rate: float = 0.0, dropout_rng=None):
+    """Softmax attention in float32. q (B, H, Nq, d), k/v (B, H, Nk, d); mask broadcastable to (B, H, Nq, Nk).
+
+    ``dropout_rate``/``dropout_rng``: dropout on the attention weights (torch SDPA ``dropout_p``, training).
+    """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_rng)
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(jnp.float32)).astype(v.dtype)
 
 
@@ -132,28 +156,34 @@ class Attention(nnx.Module):
     ``rope``: optional function (q, k) -> (q, k) on (B, H, N, d), applied before the scores.
     ``kv_cache``: optional (k, v) of earlier tokens (B, H, M, d), prepended; the new
     (k, v) of this call are returned through ``return_kv=True`` for caching.
+    ``qk_norm``: timm's per-head LayerNorm (affine, eps 1e-6) on q and k before the scores.
+    ``dropout_rate``/``dropout_rng``: dropout on the attention weights (training only).
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
-                 dtype=jnp.float32):
+                 qk_norm: bool = False, dtype=jnp.float32):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.qkv = dense(dim, 3 * dim, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
         self.proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
+        self.q_norm = LayerNorm(dim // num_heads) if qk_norm else None
+        self.k_norm = LayerNorm(dim // num_heads) if qk_norm else None
 
     def __call__(self, x: jax.Array, *, mask=None, rope: Callable | None = None, kv_cache=None,
-                 return_kv: bool = False):
+                 return_kv: bool = False, dropout_rate: float = 0.0, dropout_rng=None):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, H, N, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q, k)
         new_kv = (k, v)
         if kv_cache is not None:
             k = jnp.concatenate([kv_cache[0], k], axis=2)
             v = jnp.concatenate([kv_cache[1], v], axis=2)
-        out = attention_weights_and_values(q, k, v, mask)
+        out = attention_weights_and_values(q, k, v, mask, dropout_rate, dropout_rng)
         out = self.proj(jnp.moveaxis(out, 1, 2).reshape(b, n, c))
         return (out, new_kv) if return_kv else out
 
