@@ -158,20 +158,25 @@ class Attention(nnx.Module):
     (k, v) of this call are returned through ``return_kv=True`` for caching.
     ``qk_norm``: timm's per-head LayerNorm (affine, eps 1e-6) on q and k before the scores.
     ``dropout_rate``/``dropout_rng``: dropout on the attention weights (training only).
+    ``cache_index``: with ``kv_cache`` as fixed-size buffers (B, H, L, d), write this call's (k, v)
+    at positions ``cache_index ..`` of the buffers (static shapes, for ``lax`` sampling loops) and
+    attend over the whole buffer (the caller's ``mask`` hides unwritten slots); ``return_kv=True``
+    then returns the updated buffers (gpt-fast's KVCache.update, as LlamaGen).
+    ``proj_bias``: bias on the output projection (LlamaGen's ``wo`` has none).
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
-                 qk_norm: bool = False, dtype=jnp.float32):
+                 qk_norm: bool = False, proj_bias: bool = True, dtype=jnp.float32):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.qkv = dense(dim, 3 * dim, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
-        self.proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
+        self.proj = dense(dim, dim, ("heads", "embed"), use_bias=proj_bias, rngs=rngs, dtype=dtype)
         self.q_norm = LayerNorm(dim // num_heads) if qk_norm else None
         self.k_norm = LayerNorm(dim // num_heads) if qk_norm else None
 
     def __call__(self, x: jax.Array, *, mask=None, rope: Callable | None = None, kv_cache=None,
-                 return_kv: bool = False, dropout_rate: float = 0.0, dropout_rng=None):
+                 return_kv: bool = False, dropout_rate: float = 0.0, dropout_rng=None, cache_index=None):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, H, N, d)
@@ -180,7 +185,12 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = rope(q, k)
         new_kv = (k, v)
-        if kv_cache is not None:
+        if kv_cache is not None and cache_index is not None:
+            at = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), at)
+            new_kv = (k, v)
+        elif kv_cache is not None:
             k = jnp.concatenate([kv_cache[0], k], axis=2)
             v = jnp.concatenate([kv_cache[1], v], axis=2)
         out = attention_weights_and_values(q, k, v, mask, dropout_rate, dropout_rng)
