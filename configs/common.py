@@ -32,9 +32,17 @@ def base() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # grain worker processes per host (0 = in-process)
     c.data.prefetch = 2
     c.data.num_threads = 2  # grain read threads per process (decode + crop); 0 = in the calling thread
-    # Train on cached tokenizer latents instead of pixels (trainers/cache_latents.py):
-    c.data.latents = ""  # path of a latent cache; "" = pixels
-    c.data.latent_scale = 1.0  # multiply sampled latents (e.g. 0.2325 for MAR KL-16)
+    # Train on cached tokenizer latents instead of pixels (trainers/cache_latents.py, trainers/latents.py):
+    c.data.latents = ""  # path of a latent cache; "" = pixels (latents are scaled by config.tokenizer.scale)
+
+    # --- the frozen tokenizer that maps a latent generator's space to pixels (trainers/decode.py):
+    # the loop's grids and FID, trainers.sample and the latent cache reader all go through it.
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = ""  # "" (pixel space) | "kl16" | "sd_vae" (published files) | "workdir" (a zoo tokenizer)
+    c.tokenizer.weights = ""  # kinds kl16 / sd_vae: the published checkpoint file
+    c.tokenizer.workdir = ""  # kind workdir: a zoo tokenizer's workdir (trainers.main or trainers.convert import)
+    c.tokenizer.use_ema = True  # kind workdir: decode with its EMA params
+    c.tokenizer.scale = 1.0  # generator space = tokenizer latent * scale (MAR KL-16 0.2325, SD-VAE 0.18215)
 
     # --- mesh (trainers/sharding.py): -1 fills with the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -65,6 +73,7 @@ def base() -> ml_collections.ConfigDict:
     c.sample_every = 0  # write a sample grid to TensorBoard every N steps (0 = at the end only)
     c.num_grid_samples = 16
     c.profile = False  # capture a profile of a few steps (clu periodic_actions.Profile)
+    c.preemption_check_every = 10  # multi-process: agree on a SIGTERM every N steps (a collective)
     c.log_batch_digest = False  # write a hash of every batch to batch_digests.p<process>.jsonl (resume tests)
     c.sample_batch_size = 64  # images per sampling batch (trainers.sample, grids, evaluation)
 
@@ -85,14 +94,42 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
-def imagenet256_latents(c: ml_collections.ConfigDict, latents: str, latent_scale: float) -> None:
-    """ImageNet 256 (TFDS imagenet2012) read as cached tokenizer latents (trainers/cache_latents.py)."""
+def paired_tokenizer(c: ml_collections.ConfigDict, kind: str, scale: float, *, weights: str = "",
+                     workdir: str = "") -> None:
+    """Name the frozen tokenizer of a latent generator (trainers/decode.py): a published file
+    (kind "kl16" / "sd_vae", with its published network in ``c.tokenizer.model``) or a zoo
+    tokenizer's workdir (kind "workdir")."""
+    c.tokenizer.kind = kind
+    c.tokenizer.scale = float(scale)
+    c.tokenizer.weights = weights
+    c.tokenizer.workdir = workdir
+    if kind in ("kl16", "sd_vae"):
+        from trainers import decode
+
+        c.tokenizer.model = decode.published_model(kind)
+
+
+# The tokenizer each paper pairs with its latent scale (MAR/xAR/TokenBridge: KL-16 x 0.2325;
+# DiT/SiT/LiT: SD-VAE x 0.18215), for configs that name only the scale.
+PAPER_TOKENIZERS = {0.2325: "kl16", 0.18215: "sd_vae"}
+
+
+def imagenet256_latents(c: ml_collections.ConfigDict, latents: str, latent_scale: float,
+                        tokenizer: str | None = None, weights: str = "") -> None:
+    """ImageNet 256 (TFDS imagenet2012) read as cached latents of a published tokenizer
+    (trainers/cache_latents.py) and decoded by it (``config.tokenizer``). ``tokenizer``: "kl16" |
+    "sd_vae" (default: the paper's tokenizer of ``latent_scale``, PAPER_TOKENIZERS); ``weights``:
+    its local file ("" = set ``--config.tokenizer.weights``; a missing file fails validation)."""
     c.data.name = "imagenet2012"
     c.data.image_size = 256
     c.data.channels = 3
     c.data.num_classes = 1000
     c.data.latents = latents
-    c.data.latent_scale = latent_scale
+    if tokenizer is None:
+        if latent_scale not in PAPER_TOKENIZERS:
+            raise ValueError(f"imagenet256_latents: no paper tokenizer for scale {latent_scale}; pass tokenizer=")
+        tokenizer = PAPER_TOKENIZERS[latent_scale]
+    paired_tokenizer(c, tokenizer, latent_scale, weights=weights)
 
 
 def embedded_demo_data(c: ml_collections.ConfigDict, image_size: int = 32) -> None:
@@ -103,7 +140,7 @@ def embedded_demo_data(c: ml_collections.ConfigDict, image_size: int = 32) -> No
     c.data.channels = 1
     c.data.num_classes = 10
     c.data.latents = ""
-    c.data.latent_scale = 1.0
+    c.tokenizer = base().tokenizer  # pixel space: no tokenizer
     c.data.random_flip = False  # a mirrored digit is not the same digit
     c.ema_rate = 0.995
     c.log_every = 50

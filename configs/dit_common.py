@@ -30,8 +30,9 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
         remat=False))  # remat: recompute each block's activations in the backward pass
     # ImageNet 256 on SD-VAE latents (32x32x4, scale 0.18215), as DiT/SiT; the cache is built with
-    # `python -m trainers.cache_latents` (KL-VAE tokenizer) and named here.
-    common.imagenet256_latents(c, "data_cache/imagenet2012_256_sd_vae", 0.18215)
+    # `python -m trainers.cache_latents` and named here; samples are decoded by the same SD-VAE
+    # (config.tokenizer.weights = sd-vae-ft-ema, as DiT's training and sample_ddp.py --vae=ema).
+    common.imagenet256_latents(c, "data_cache/imagenet2012_256_sd_vae", 0.18215, tokenizer="sd_vae")
     # DiT paper: AdamW, lr 1e-4 constant, no weight decay, batch 256, EMA 0.9999, 400K steps.
     c.batch_size = 256
     c.num_steps = 400_000

@@ -42,8 +42,9 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         subsample_stride=2,  # X = subsample: entity (a, b) = tokens (a + 2i, b + 2j), 4 entities of 64
         scales=(1, 2, 4, 8, 16),  # X = scale: coarse-to-fine resolutions, the last = the grid
     ))
-    # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_xar.py), flips cached.
-    common.imagenet256_latents(c, "data_cache/imagenet2012_256_mar_kl16", 0.2325)
+    # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_xar.py), flips cached;
+    # samples are decoded by the same KL-16 (config.tokenizer.weights = MAR's kl16.ckpt).
+    common.imagenet256_latents(c, "data_cache/imagenet2012_256_mar_kl16", 0.2325, tokenizer="kl16")
     # Upstream main_mar.py / train.sh: batch 2048, blr 5e-5 -> lr 5e-5 * 2048 / 256, AdamW (0.9, 0.96),
     # wd 0.02 (not on biases / 1-D), clip 1.0, EMA 0.9999; util/lr_sched.py: warmup 100 epochs,
     # constant to 600, cosine to min_lr 1e-5 at 800.

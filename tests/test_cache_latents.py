@@ -74,7 +74,7 @@ def test_latent_dataset_batches_and_resumes(cache):
 
     config, *_, out, _ = cache
     config.data.latents = out
-    config.data.latent_scale = 0.5
+    config.tokenizer.scale = 0.5
     assert cache_latents.latent_shape(config) == (8, 8, 4)
     it = cache_latents.latent_dataset(config, seed=1, global_batch_size=4,
                                       shard_options=grain.sharding.ShardOptions(0, 1))
@@ -110,7 +110,7 @@ def test_a_generator_trains_from_the_cache_through_the_loop(cache, tmp_path):
     workdir = tmp_path / "dit_latent"
     overrides = [o for o in TINY_DIT_OVERRIDES if "input_size" not in o and "patch_size" not in o]
     run_python(["-m", "trainers.main", "--config=configs/dit_s.py:demo", f"--workdir={workdir}", *overrides,
-                f"--config.data.latents={out}", "--config.data.latent_scale=0.5",
+                f"--config.data.latents={out}", "--config.tokenizer.scale=0.5",
                 f"--config.model.input_size={h}", "--config.model.patch_size=2", f"--config.model.in_channels={c}",
                 "--config.batch_size=4", "--config.num_steps=3", "--config.num_grid_samples=0",
                 "--config.checkpoint_every=3"])

@@ -497,6 +497,7 @@ class KLVAEMethod(Method):
     """
 
     kind = "tokenizer"
+    latent_type = "moments"  # encode() gives Gaussian posterior moments (trainers/decode.py contract)
 
     def __init__(self, config):
         super().__init__(config)

@@ -16,7 +16,7 @@ flipped image]) and ``metadata.json`` (shapes, count, tokenizer config).
 
 Reading: ``config.data.latents = DIR`` makes trainers.data call
 :func:`latent_dataset`, which yields ``{"latent": float32 (B, h, w, C) =
-posterior sample * config.data.latent_scale, "label": int32 (B,)}``.
+posterior sample * config.tokenizer.scale, "label": int32 (B,)}``.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def latent_dataset(config, *, seed: int, global_batch_size: int,
     ds = ds[shard_options.shard_index * per_shard:(shard_options.shard_index + 1) * per_shard]
     shuffle_seed, sample_seed = np.random.SeedSequence([seed, shard_options.shard_index, 7]).generate_state(2)
     ds = ds.shuffle(seed=int(shuffle_seed)).repeat()
-    ds = ds.random_map(SampleLatent(config.data.latent_scale, config.data.random_flip), seed=int(sample_seed))
+    ds = ds.random_map(SampleLatent(config.tokenizer.scale, config.data.random_flip), seed=int(sample_seed))
     ds = ds.batch(global_batch_size // shard_options.shard_count, drop_remainder=True)
     return iter(ds.to_iter_dataset())
 

@@ -75,6 +75,9 @@ def validate(config, *, num_devices: int | None = None, num_processes: int | Non
         from trainers import data
 
         _as_config_error(data.validate, config)
+        from trainers import decode  # the paired tokenizer's weights (missing file: named with its source)
+
+        _as_config_error(decode.validate, config)
     _as_config_error(get_method(config).validate_config, config)
 
 

@@ -7,8 +7,18 @@ A method is a small object defined in the same file as its networks:
 * ``loss(model, batch, rng) -> (loss, metrics)``: the objective, for
   one-optimizer methods; ``batch`` is a dict of global arrays (``image``
   (B, H, W, C) in [-1, 1] or ``latent``, ``label`` (B,) int32);
-* ``sample(model, rng, labels, **sampler) -> images`` (generators), in
-  [-1, 1], (B, H, W, C); or ``encode``/``decode`` (tokenizers);
+* ``sample(model, rng, labels, **sampler) -> x`` (generators): images in
+  [-1, 1], (B, H, W, C), for pixel configs; for a latent or discrete generator
+  (``config.tokenizer.kind`` set) latents in the paired tokenizer's space,
+  already times ``config.tokenizer.scale``, or int codes: the pairing
+  (trainers/decode.py) decodes them, a generator never does;
+* tokenizers (``kind = "tokenizer"``): ``encode(model, images) -> latents``
+  (what a latent cache stores: Gaussian posterior moments (B, h, w, 2C),
+  latents, or int codes, as the attribute ``latent_type`` = "moments" |
+  "latents" | "codes" says) and ``decode(model, latents) -> images`` in
+  [-1, 1] from generator-space latents (native latents times
+  ``config.model.scale_factor`` where the tokenizer has that field); any zoo
+  tokenizer workdir with these serves as ``config.tokenizer.workdir``;
 * optionally ``train_step(state, batch, rng)`` for methods with several
   optimizers, and ``validate_config(config)`` for method-specific checks that
   must fail before compilation.
