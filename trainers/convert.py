@@ -28,6 +28,7 @@ import numpy as np
 KINDS: dict[str, str] = {
     "dit": "models.dit",
     "sit": "models.dit",
+    "meanflow": "models.meanflow", "splitmeanflow_sit": "models.splitmeanflow",
     "xar_net": "models.xar",
     "xar_kvcache_step": "models.xar",
     "kl16_vae": "tokenizers.kl_vae",

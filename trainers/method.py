@@ -38,6 +38,7 @@ from flax import nnx
 # config.model.name -> "module:Class". Lazy, so that a run imports only its method.
 METHODS: dict[str, str] = {
     "dit": "models.dit:DiTFlowMatching",
+    "meanflow": "models.meanflow:MeanFlow", "splitmeanflow": "models.splitmeanflow:SplitMeanFlow",
     "xar": "models.xar:XAR",
     "kl_vae": "tokenizers.kl_vae:KLVAEMethod",
 }
