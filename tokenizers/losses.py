@@ -4,6 +4,7 @@ References: LPIPS from richzhang/PerceptualSimilarity (PyPI ``lpips``; VGG16
 ``features`` in torchvision's layout, linear heads ``lin{0..4}``); the
 PatchGAN ``NLayerDiscriminator`` and the GAN losses from CompVis/taming-transformers
 (``taming/modules/discriminator/model.py``, ``taming/modules/losses/vqperceptual.py``);
+the StyleGAN discriminator from MAGVIT (google-research videogvt);
 the adaptive discriminator weight and ``adopt_weight`` (discriminator start
 step) from LDM's ``LPIPSWithDiscriminator``; LeCAM from Tseng et al. 2021,
 as used by MaskGIT/TiTok. Images and features are NHWC.
@@ -289,6 +290,92 @@ def discriminator_from_torch(state_dict: dict[str, np.ndarray], disc: NLayerDisc
             stats["norms"][n - 1] = {"mean": np.asarray(state_dict[f"{bn}.running_mean"], np.float32),
                                      "var": np.asarray(state_dict[f"{bn}.running_var"], np.float32)}
     return params, stats
+
+
+# ----------------------------------------------------------------------------
+# StyleGAN discriminator (MAGVIT / MAGVIT-v2 / TexTok)
+# ----------------------------------------------------------------------------
+
+
+def blur_downsample(x: jax.Array) -> jax.Array:
+    """Anti-aliased 2x downsampling: depthwise [1, 3, 3, 1] x [1, 3, 3, 1] / 64 blur, stride 2, zero pad 1
+    (MAGVIT's BlurPool2D(filter_size=4), after StyleGAN2's blur before a strided conv). NHWC."""
+    taps = np.array([1.0, 3.0, 3.0, 1.0], np.float32)
+    kernel = np.outer(taps, taps) / np.sum(taps) ** 2
+    c = x.shape[-1]
+    kernel = jnp.asarray(np.tile(kernel[:, :, None, None], (1, 1, 1, c)), x.dtype)  # HWIO, groups = c
+    return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), feature_group_count=c,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def avg_downsample(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2 (MAGVIT's ``dsample_2d``, its non-blur choice). NHWC."""
+    return nnx.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+STYLEGAN_DOWNSAMPLE = {"blur": blur_downsample, "avg": avg_downsample}
+
+
+class StyleGANResBlock(nnx.Module):
+    """conv3x3 -> lrelu -> down -> conv3x3 -> lrelu, plus down -> 1x1 conv (no bias) shortcut; sum / sqrt(2)
+    (StyleGAN2's discriminator ResBlock as MAGVIT writes it: no normalisation)."""
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: str, rngs: nnx.Rngs):
+        w = nnx.with_partitioning(nnx.initializers.xavier_uniform(), CONV_AXES)
+        b = nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",))
+        self.conv1 = nnx.Conv(in_channels, in_channels, (3, 3), padding="SAME", kernel_init=w, bias_init=b, rngs=rngs)
+        self.conv2 = nnx.Conv(in_channels, out_channels, (3, 3), padding="SAME", kernel_init=w, bias_init=b, rngs=rngs)
+        self.shortcut = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False, kernel_init=w, rngs=rngs)
+        self.down = STYLEGAN_DOWNSAMPLE[downsample]
+
+    def __call__(self, x):
+        h = self.down(jax.nn.leaky_relu(self.conv1(x), 0.2))
+        h = jax.nn.leaky_relu(self.conv2(h), 0.2)
+        return (self.shortcut(self.down(x)) + h) / np.sqrt(2.0)
+
+
+class StyleGANDiscriminator(nnx.Module):
+    """(B, H, W, C) images -> (B, 1) logits: conv3x3(filters) -> lrelu -> one downsampling ResBlock per
+    channel multiplier -> conv3x3 -> lrelu -> flatten -> Dense(filters * last mult) -> lrelu -> Dense(1).
+
+    As google-research's MAGVIT (videogvt ``models/stylegan_discriminator.py``, the 2-D variant) used by
+    MAGVIT-v2 and TexTok; xavier-uniform init, LeakyReLU(0.2). The flatten fixes the input size:
+    ``image_size`` must be divisible by 2 ** len(channel_multipliers). ``train`` is accepted (and unused:
+    no BatchNorm) so it is a drop-in for :class:`NLayerDiscriminator`.
+    """
+
+    def __init__(self, image_size: int, in_channels: int = 3, filters: int = 128,
+                 channel_multipliers=(2, 4, 4, 4, 4, 4), downsample: str = "blur", rngs: nnx.Rngs = None):
+        if downsample not in STYLEGAN_DOWNSAMPLE:
+            raise ValueError(f"StyleGAN discriminator downsample={downsample!r}: one of {sorted(STYLEGAN_DOWNSAMPLE)}")
+        factor = 2 ** len(channel_multipliers)
+        if image_size % factor:
+            raise ValueError(f"StyleGAN discriminator: image_size={image_size} is not divisible by "
+                             f"2**len(channel_multipliers)={factor}")
+        w = nnx.with_partitioning(nnx.initializers.xavier_uniform(), CONV_AXES)
+        b = nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",))
+        self.conv_in = nnx.Conv(in_channels, filters, (3, 3), padding="SAME", kernel_init=w, bias_init=b, rngs=rngs)
+        blocks, ch = [], filters
+        for mult in channel_multipliers:
+            blocks.append(StyleGANResBlock(ch, int(filters * mult), downsample, rngs))
+            ch = int(filters * mult)
+        self.blocks = nnx.List(blocks)
+        self.conv_out = nnx.Conv(ch, ch, (3, 3), padding="SAME", kernel_init=w, bias_init=b, rngs=rngs)
+        side = image_size // factor
+        dw = nnx.with_partitioning(nnx.initializers.xavier_uniform(), ("embed", "mlp"))
+        self.dense = nnx.Linear(side * side * ch, ch, kernel_init=dw,
+                                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp",)), rngs=rngs)
+        self.logit = nnx.Linear(ch, 1, kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), ("mlp", None)),
+                                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)), rngs=rngs)
+
+    def __call__(self, x, train: bool = True):
+        del train
+        x = jax.nn.leaky_relu(self.conv_in(x), 0.2)
+        for block in self.blocks:
+            x = block(x)
+        x = jax.nn.leaky_relu(self.conv_out(x), 0.2)
+        x = jax.nn.leaky_relu(self.dense(x.reshape(x.shape[0], -1)), 0.2)
+        return self.logit(x)
 
 
 # ----------------------------------------------------------------------------
