@@ -1,0 +1,7 @@
+"""SplitMeanFlow-B/2 (interval-splitting objective) on MeanFlow's recipe. Variants: demo, two_stage."""
+
+from configs import meanflow_common
+
+
+def get_config(arg=None):
+    return meanflow_common.get_config("B/2", arg, "splitmeanflow")
