@@ -36,6 +36,9 @@ KINDS: dict[str, str] = {
     "sd_vae": "tokenizers.kl_vae",
     "xar": "models.xar",
     "tokenbridge_quant": "pallas_kernels.dimwise_quant",
+    "one_d_piece": "tokenizers.one_d_piece",
+    "maskgit_vqgan": "tokenizers.maskgit_vqgan",
+    "titok_maskgit": "models.maskgit",
 }
 
 RELATIVE_TOLERANCE = 1e-4

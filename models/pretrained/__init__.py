@@ -23,9 +23,9 @@ import numpy as np
 
 
 def default_rename(key: str) -> tuple:
-    """``a.b.0.weight`` -> ("a", "b", 0, leaf) with torch's leaf names mapped to nnx's:
-    ``weight`` of a norm -> ``scale`` (decided in :func:`torch_to_params` by the target), of a
-    conv/linear -> ``kernel``."""
+    """``a.b.0.weight`` -> ("a", "b", 0, "weight"); :func:`torch_to_params` then resolves
+    ``weight`` to the target's ``kernel`` (conv, linear), ``scale`` (norm), ``embedding``, or a
+    bare parameter."""
     return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
@@ -67,10 +67,11 @@ def torch_to_params(state_dict: dict[str, np.ndarray], expected, *,
         if path is None:
             continue
         value = np.asarray(value, np.float32)
-        if path[-1] == "weight":
-            for leaf in ("kernel", "scale", "embedding", "weight"):
-                if path[:-1] + (leaf,) in want:
-                    path = path[:-1] + (leaf,)
+        if path[-1] == "weight" and path not in want:
+            for candidate in (path[:-1] + ("kernel",), path[:-1] + ("scale",), path[:-1] + ("embedding",),
+                              path[:-1]):  # the last: a bare nnx.Param (a codebook ``embedding``)
+                if candidate in want:
+                    path = candidate
                     break
         if path not in want:
             unexpected.append(f"{key} -> {'.'.join(map(str, path))}")
