@@ -28,6 +28,7 @@ import numpy as np
 KINDS: dict[str, str] = {
     "dit": "models.dit",
     "sit": "models.dit",
+    "dit_diffusion": "models.dit",
     "meanflow": "models.meanflow", "splitmeanflow_sit": "models.splitmeanflow",
     "xar_net": "models.xar",
     "xar_kvcache_step": "models.xar",
@@ -36,9 +37,13 @@ KINDS: dict[str, str] = {
     "sd_vae": "tokenizers.kl_vae",
     "xar": "models.xar",
     "tokenbridge_quant": "pallas_kernels.dimwise_quant",
+    "tokenbridge_backbone": "models.tokenbridge",
+    "tokenbridge_head": "models.tokenbridge",
+    "tokenbridge": "models.tokenbridge",
     "one_d_piece": "tokenizers.one_d_piece",
     "maskgit_vqgan": "tokenizers.maskgit_vqgan",
     "titok_maskgit": "models.maskgit",
+    "llamagen_gpt": "models.llamagen",
 }
 
 RELATIVE_TOLERANCE = 1e-4

@@ -37,9 +37,10 @@ from flax import nnx
 
 # config.model.name -> "module:Class". Lazy, so that a run imports only its method.
 METHODS: dict[str, str] = {
-    "dit": "models.dit:DiTFlowMatching",
+    "dit": "models.dit:DiTMethod",
     "meanflow": "models.meanflow:MeanFlow", "splitmeanflow": "models.splitmeanflow:SplitMeanFlow",
     "xar": "models.xar:XAR",
+    "tokenbridge": "models.tokenbridge:TokenBridge",
     "kl_vae": "tokenizers.kl_vae:KLVAEMethod",
 }
 
