@@ -214,8 +214,9 @@ def model_kwargs(m, channels: int) -> dict:
 # ----------------------------------------------------------------------------
 
 TORCH_RENAMES = [
-    (r"\.in_proj_weight$", ".in_proj.weight"),
-    (r"\.in_proj_bias$", ".in_proj.bias"),
+    (r"\.attn\.in_proj_weight$", ".attn.qkv.weight"),
+    (r"\.attn\.in_proj_bias$", ".attn.qkv.bias"),
+    (r"\.attn\.out_proj\.", ".attn.proj."),
     (r"\.mlp\.c_fc\.", ".mlp.fc1."),
     (r"\.mlp\.c_proj\.", ".mlp.fc2."),
     (r"^encoder\.patch_embed\.", "encoder.patch_embed.proj."),

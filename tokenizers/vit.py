@@ -7,9 +7,10 @@ dtype. LayerNorms and the attention softmax run in float32.
 * :class:`PatchEmbed` -- Conv(kernel = stride = patch) -> (B, (H/p)(W/p), width), tokens row-major.
 * :class:`MultiheadAttention` -- ``torch.nn.MultiheadAttention`` semantics (separate query, key
   and value inputs, packed ``in_proj`` (width, 3*width) in q, k, v order, ``out_proj``), on the
-  zoo's one softmax-attention core ``models.layers.attention_weights_and_values``; serves self-
-  and cross-attention.
-* :class:`ResidualAttentionBlock` -- pre-LN block of TiTok/open_clip (``ln_1``, ``attn``,
+  zoo's one softmax-attention core ``models.layers.attention_weights_and_values``; for attention
+  whose query, key and value differ (the Q-Former's pos-embedded and cross-attention).
+* :class:`ResidualAttentionBlock` -- pre-LN block of TiTok/open_clip (``ln_1``, ``attn`` = the zoo's
+  ``models.layers.Attention`` (torch ``in_proj`` -> ``qkv``, ``out_proj`` -> ``proj``),
   ``ln_2``, ``mlp`` = ``models.layers.Mlp``: ``fc1`` (upstream ``c_fc``) -> exact GELU -> ``fc2``
   (``c_proj``)).
 * :class:`QFormerLayer` -- the DETR pre-norm decoder layer ReTok's Q-Former uses (``norm1`` ->
@@ -119,7 +120,7 @@ class ResidualAttentionBlock(nnx.Module):
     def __init__(self, width: int, num_heads: int, *, mlp_ratio: float = 4.0, rngs: nnx.Rngs,
                  activation: str = "gelu", ln_eps: float = 1e-5, dtype=jnp.float32):
         self.ln_1 = layer_norm(width, eps=ln_eps, rngs=rngs)
-        self.attn = MultiheadAttention(width, num_heads, rngs=rngs, dtype=dtype)
+        self.attn = layers.Attention(width, num_heads, rngs=rngs, dtype=dtype)  # in_proj -> qkv, out_proj -> proj
         self.ln_2 = layer_norm(width, eps=ln_eps, rngs=rngs)
         self.mlp = layers.Mlp(width, int(width * mlp_ratio), activation=ACTIVATIONS[activation], rngs=rngs,
                               dtype=dtype)
