@@ -41,7 +41,6 @@ METHODS: dict[str, str] = {
     "meanflow": "models.meanflow:MeanFlow", "splitmeanflow": "models.splitmeanflow:SplitMeanFlow",
     "xar": "models.xar:XAR",
     "tokenbridge": "models.tokenbridge:TokenBridge",
-    "tokenbridge": "models.tokenbridge:TokenBridge",
     "kl_vae": "tokenizers.kl_vae:KLVAEMethod",
 }
 
