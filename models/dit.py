@@ -228,6 +228,11 @@ class DiTMethod(Method):
         return loss, metrics
 
     # ------------------------------------------------------------------ samplers
+    def sample_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of a batch of samples (subclasses on other layouts override it, e.g. 1D tokens)."""
+        m = self.config.model
+        return (batch, m.input_size, m.input_size, m.in_channels)
+
     def sample(self, model: DiT, rng: jax.Array, labels: jax.Array, *, num_steps: int | None = None,
                cfg_scale: float | None = None, method: str | None = None) -> jax.Array:
         """Class-conditional samples (B, H, W, C) in the data's range (latents for a latent config)."""
@@ -240,7 +245,7 @@ class DiTMethod(Method):
                              f"(one of {SAMPLERS[self.objective]})")
         m = self.config.model
         rng_init, rng_loop = jax.random.split(rng)
-        x = jax.random.normal(rng_init, (labels.shape[0], m.input_size, m.input_size, m.in_channels))
+        x = jax.random.normal(rng_init, self.sample_shape(labels.shape[0]))
         guided = cfg_scale > 1.0  # upstream samples without the null half at cfg <= 1
         if guided:  # upstream layout: z = cat([z, z]), y = cat([y, null]); keep the first half at the end
             x = jnp.concatenate([x, x])
