@@ -316,6 +316,65 @@ def avg_downsample(x: jax.Array) -> jax.Array:
 STYLEGAN_DOWNSAMPLE = {"blur": blur_downsample, "avg": avg_downsample}
 
 
+# ----------------------------------------------------------------------------
+# MaskGIT-style discriminator (TiTok / One-D-Piece ``modeling/modules/discriminator.py``)
+# ----------------------------------------------------------------------------
+
+
+def adaptive_max_pool(x: jax.Array, out_size: tuple[int, int]) -> jax.Array:
+    """torch ``AdaptiveMaxPool2d``: output cell i takes the max over input rows
+    [floor(i * H / h), ceil((i + 1) * H / h)) (and likewise columns); NHWC; also upsamples."""
+    for axis, out in ((1, out_size[0]), (2, out_size[1])):
+        size = x.shape[axis]
+        cells = [jnp.max(jax.lax.slice_in_dim(x, (i * size) // out, -(-((i + 1) * size) // out), axis=axis),
+                         axis=axis, keepdims=True) for i in range(out)]
+        x = jnp.concatenate(cells, axis=axis)
+    return x
+
+
+class MaskGITDiscriminator(nnx.Module):
+    """(B, H, W, C) -> (B, 16, 16, 1) logits (MaskGIT's, as TiTok re-implements it; not the PatchGAN).
+
+    ``block_in``: Conv5x5 SAME -> LeakyReLU(0.1); per stage: Conv3x3 SAME (width x 2^stage) ->
+    [1, 3, 3, 1] blur stride 2 (or 2x2 average pool) -> GroupNorm(32) -> LeakyReLU(0.1); adaptive
+    max pool to 16x16; Conv1x1 -> LeakyReLU(0.1) -> Conv5x5 to one logit. No adaptive weight
+    and no R1 upstream. Even spatial sizes only (the blur's SAME padding is symmetric then).
+    """
+
+    def __init__(self, in_channels: int = 3, hidden_channels: int = 128, num_stages: int = 3,
+                 blur_resample: bool = True, pool_size: int = 16, rngs: nnx.Rngs = None):
+        w = nnx.with_partitioning(nnx.initializers.lecun_normal(), CONV_AXES)
+        b = nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",))
+        conv = lambda cin, cout, k: nnx.Conv(cin, cout, (k, k), padding="SAME", kernel_init=w,  # noqa: E731
+                                             bias_init=b, rngs=rngs)
+        mults = (1,) + tuple(2 ** t for t in range(num_stages))
+        self.block_in = conv(in_channels, hidden_channels, 5)
+        self.convs = nnx.List([conv(hidden_channels * mults[i], hidden_channels * mults[i + 1], 3)
+                               for i in range(num_stages)])
+        self.norms = nnx.List([nnx.GroupNorm(hidden_channels * mults[i + 1], num_groups=32, epsilon=1e-5,
+                                             use_fast_variance=False, rngs=rngs,
+                                             scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+                                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+                               for i in range(num_stages)])
+        top = hidden_channels * mults[-1]
+        self.to_logits_0 = conv(top, top, 1)
+        self.to_logits_2 = conv(top, 1, 5)
+        self.blur_resample = blur_resample
+        self.pool_size = pool_size
+
+    def __call__(self, x):
+        h = jax.nn.leaky_relu(self.block_in(x), 0.1)
+        for conv, norm in zip(self.convs, self.norms):
+            h = conv(h)
+            if h.shape[1] % 2 or h.shape[2] % 2:
+                raise ValueError(f"MaskGITDiscriminator: feature map {h.shape[1]}x{h.shape[2]} is odd; "
+                                 "use image sizes divisible by 2^num_stages")
+            h = blur_downsample(h) if self.blur_resample else avg_downsample(h)
+            h = jax.nn.leaky_relu(norm(h), 0.1)
+        h = adaptive_max_pool(h, (self.pool_size, self.pool_size))
+        return self.to_logits_2(jax.nn.leaky_relu(self.to_logits_0(h), 0.1))
+
+
 class StyleGANResBlock(nnx.Module):
     """conv3x3 -> lrelu -> down -> conv3x3 -> lrelu, plus down -> 1x1 conv (no bias) shortcut; sum / sqrt(2)
     (StyleGAN2's discriminator ResBlock as MAGVIT writes it: no normalisation)."""
