@@ -176,6 +176,10 @@ class _Records(grain.sources.RandomAccessDataSource):
         raw = self._source[int(self._keep[index])]
         return {"image": raw[_LABEL.size:], "label": _LABEL.unpack_from(raw)[0]}
 
+    def record_index(self, index: int) -> int:
+        """Position of ``self[index]`` in the ArrayRecord file (its image id for caption files)."""
+        return int(self._keep[index])
+
     def __repr__(self) -> str:
         return f"_Records({self._path!r}, {len(self._keep)} records)"
 
@@ -391,7 +395,8 @@ class Preprocess:
         if self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         arr = arr.reshape(self.image_size, self.image_size, self.channels)
-        return {"image": arr.astype(np.float32) / 127.5 - 1.0, "label": np.int32(record["label"])}
+        extra = {k: v for k, v in record.items() if k not in ("image", "label")}  # e.g. caption embeddings
+        return {"image": arr.astype(np.float32) / 127.5 - 1.0, "label": np.int32(record["label"]), **extra}
 
 
 # ----------------------------------------------------------------------------- batching, iterator
@@ -413,8 +418,7 @@ class _SkipNoneBatchIterator(grain.DatasetIterator):
                         f"{skipped} unusable images in a row: is this an image dataset?")
             else:
                 examples.append(example)
-        return {"image": np.stack([e["image"] for e in examples]),
-                "label": np.stack([e["label"] for e in examples]),
+        return {**{k: np.stack([e[k] for e in examples]) for k in examples[0]},
                 "skipped": np.int64(skipped)}
 
     # Nothing is buffered between batches, so the parent's position is the whole state.
@@ -561,6 +565,9 @@ def create_iterator(config, *, seed: int, global_batch_size: int,
         return cache_latents.latent_dataset(config, seed=seed, global_batch_size=global_batch_size,
                                             shard_options=shard_options)
     source, skipped_at_build = _source(config)
+    from trainers import captions  # config.data.captions: each record carries its caption embeddings
+
+    source = captions.with_captions(source, config)
     return pipeline(source, config, seed=seed,
                     local_batch_size=global_batch_size // shard_options.shard_count,
                     shard_options=shard_options, skipped_at_build=skipped_at_build)

@@ -40,8 +40,10 @@ METHODS: dict[str, str] = {
     "dit": "models.dit:DiTMethod",
     "meanflow": "models.meanflow:MeanFlow", "splitmeanflow": "models.splitmeanflow:SplitMeanFlow",
     "xar": "models.xar:XAR",
+    "llamagen_gpt": "models.llamagen:LlamaGenGPT",
     "tokenbridge": "models.tokenbridge:TokenBridge",
     "kl_vae": "tokenizers.kl_vae:KLVAEMethod",
+    "textok": "tokenizers.textok:TexTokMethod", "textok_dit": "tokenizers.textok:TexTokDiT",
 }
 
 

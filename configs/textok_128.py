@@ -1,0 +1,7 @@
+"""TexTok-128: 128 continuous tokens of 8 channels (variants: configs/textok_common.py)."""
+
+from configs import textok_common
+
+
+def get_config(arg=None):
+    return textok_common.tokenizer_config(128, arg)
