@@ -1,4 +1,5 @@
-"""DiT: golden parity through the converter, paper parameter counts, objective and sampler."""
+"""DiT: golden parity through the converter, paper parameter counts, the SiT (flow) objective and samplers,
+import of DiT/SiT checkpoints with the objective check. DiT's diffusion itself: tests/test_diffusion.py."""
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,8 @@ def test_every_parameter_has_logical_axis_names():
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = tiny_dit_config()
+    """The tiny DiT with SiT's flow objective (velocity tests)."""
+    config = tiny_dit_config(**{"model.objective": "flow", "model.learn_sigma": False, "sample.method": "euler"})
     method = get_method(config)
     model = method.create_model(nnx.Rngs(0))
     # Non-zero adaLN/final layers so that the network output depends on its inputs.
@@ -78,15 +80,15 @@ def test_guidance_scale_one_equals_no_guidance_and_null_class_matters(tiny):
     config, method, model = tiny
     labels = jnp.array([1, 2], jnp.int32)
     rng = jax.random.PRNGKey(5)
-    plain = method.sample(model, rng, labels, num_steps=3, cfg_scale=1.0, method="euler")
-    x0 = jax.random.normal(rng, plain.shape)
-    # cfg 1 through the guided branch must give the same samples: compute by hand with 3 Euler steps.
+    plain = method.sample(model, rng, labels, num_steps=4, cfg_scale=1.0, method="euler")
+    x0 = jax.random.normal(jax.random.split(rng)[0], plain.shape)
+    # By hand: SiT's step semantics, linspace(0, 1, num_steps) -> num_steps - 1 = 3 Euler steps.
     x = x0
     ts = np.linspace(0, 1, 4)
     for i in range(3):
         x = x + (ts[i + 1] - ts[i]) * method.velocity(model, x, jnp.full((2,), ts[i]), labels)
     np.testing.assert_allclose(plain, x, atol=1e-5)
-    guided = method.sample(model, rng, labels, num_steps=3, cfg_scale=3.0, method="euler")
+    guided = method.sample(model, rng, labels, num_steps=4, cfg_scale=3.0, method="euler")
     assert float(jnp.max(jnp.abs(guided - plain))) > 1e-4
 
 
@@ -95,9 +97,9 @@ def test_heun_is_second_order_on_a_linear_field(tiny):
     config, method, model = tiny
     labels = jnp.array([0, 3], jnp.int32)
     rng = jax.random.PRNGKey(2)
-    fine = method.sample(model, rng, labels, num_steps=64, cfg_scale=1.0, method="heun")
-    euler = method.sample(model, rng, labels, num_steps=4, cfg_scale=1.0, method="euler")
-    heun = method.sample(model, rng, labels, num_steps=4, cfg_scale=1.0, method="heun")
+    fine = method.sample(model, rng, labels, cfg_scale=1.0, method="dopri5")  # adaptive, atol 1e-6
+    euler = method.sample(model, rng, labels, num_steps=5, cfg_scale=1.0, method="euler")
+    heun = method.sample(model, rng, labels, num_steps=5, cfg_scale=1.0, method="heun")
     assert float(jnp.abs(heun - fine).max()) < float(jnp.abs(euler - fine).max())
 
 
@@ -124,18 +126,94 @@ def test_import_an_upstream_checkpoint_then_sample_from_it(golden, tmp_path):
     workdir = tmp_path / "imported"
     run_python(["-m", "trainers.convert", "import", "dit", str(tmp_path / "DiT-tiny.pt"), f"--out={workdir}",
                 "--config=configs/dit_s.py:p2", *overrides, "--config.data.name=mnist_embedded"])
-    out = tmp_path / "s.npz"
-    run_python(["-m", "trainers.sample", f"--workdir={workdir}", "--num_samples=3", f"--out={out}",
-                "--set=sample.num_steps=2", "--set=sample.cfg_scale=1.5", "--set=data.num_classes=1000"])
-    with np.load(out) as f:
-        assert f["arr_0"].shape == (3, 16, 16, 4) and f["arr_0"].dtype == np.uint8
-        np.testing.assert_array_equal(f["arr_1"], [0, 1, 2])
-    # The restored EMA params are the converted upstream weights.
+    # Sample the imported DDPM latents in-process (decoding them needs the SD-VAE weights, absent here).
     from trainers import checkpoint, sharding
-    from trainers.sample import load_state
+    from trainers.sample import load_params
+    from trainers.train import Sampler
 
     config = checkpoint.read_config(workdir)
-    _, _, step, state = load_state(config, str(workdir), sharding.make_mesh(config.mesh))
-    assert step == 0
-    np.testing.assert_array_equal(np.asarray(state["ema_params"]["blocks"][1]["attn"]["qkv"]["kernel"]),
+    assert config.model.objective == "ddpm"
+    config.sample.num_steps, config.sample.cfg_scale = 2, 1.5
+    mesh = sharding.make_mesh(config.mesh)
+    method, model_def, step, params, rest = load_params(config, str(workdir), mesh)
+    latents = np.asarray(Sampler(method, model_def, mesh)(params, rest, jax.random.PRNGKey(0), np.arange(3)))
+    assert latents.shape == (3, 16, 16, 4) and np.all(np.isfinite(latents))
+    # The restored EMA params are the converted upstream weights.
+    assert step == 0 and config.sample.use_ema
+    np.testing.assert_array_equal(np.asarray(params["blocks"][1]["attn"]["qkv"]["kernel"]),
                                   data["param/blocks.1.attn.qkv.weight"].T)
+
+
+def test_sde_sampler_follows_sit_step_semantics(tiny):
+    """sde: num_steps - 1 Euler-Maruyama steps on linspace(0, 0.96, num_steps), then the Mean step to 1."""
+    from models import dit
+
+    config, method, model = tiny
+    labels = jnp.array([0, 5], jnp.int32)
+    rng = jax.random.PRNGKey(4)
+    ours = method.sample(model, rng, labels, num_steps=3, cfg_scale=1.0, method="sde")
+    rng_init, rng_loop = jax.random.split(rng)
+    x = jax.random.normal(rng_init, ours.shape)
+    ts = np.linspace(0.0, 0.96, 3)
+    keys = jax.random.split(rng_loop, 2)
+
+    def drift(x, t):
+        v = method.velocity(model, x, jnp.full((2,), t), labels)
+        return v + (1 - t) * (t * v - x) / (1 - t)  # v + w(t) * score, w = sigma_t = 1 - t
+
+    for i in range(2):
+        dt = ts[1] - ts[0]
+        noise = jax.random.normal(keys[i], x.shape)
+        x = x + drift(x, ts[i]) * dt + np.sqrt(2 * (1 - ts[i])) * np.sqrt(dt) * noise
+    x = x + drift(x, 0.96) * 0.04
+    np.testing.assert_allclose(ours, x, atol=1e-4)
+    assert dit.SAMPLERS["flow"] == ("sde", "dopri5", "euler", "heun")
+
+
+def test_cfg_guides_only_the_first_cfg_channels(tiny):
+    """With cfg_channels=1 of 2 channels the second velocity channel stays the conditional one."""
+    config, method, model = tiny
+    from models import diffusion
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 2))
+    cond = lambda x, t: jnp.concatenate([x[..., :1] * 0 + 1.0, x[..., 1:] * 0 + 2.0], -1) * jnp.where(
+        jnp.arange(x.shape[0]) < x.shape[0] // 2, 1.0, 0.5)[:, None, None, None]
+    guided = diffusion.classifier_free_guidance(cond, 3.0, 1)(jnp.concatenate([x, x]), jnp.zeros((4,)))
+    # channel 0: 0.5 + 3 (1 - 0.5) = 2 in both halves; channel 1: each half's own (2, then 1)
+    np.testing.assert_allclose(guided[..., 0], 2.0)
+    np.testing.assert_allclose(guided[:2, ..., 1], 2.0)
+    np.testing.assert_allclose(guided[2:, ..., 1], 1.0)
+
+
+def test_importers_refuse_a_checkpoint_of_the_other_objective(golden):
+    from models import dit
+
+    data = np.load(golden / "dit.npz")
+    sd = {k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")}
+    meta = __import__("json").loads((golden / "dit.json").read_text())["constructor"]
+    config = dit_s.get_config("p2")  # objective ddpm
+    config.model.update({k: meta[k] for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
+                                              "num_heads")})
+    with pytest.raises(ValueError, match="objective"):
+        dit.IMPORTERS["sit"](sd, config)
+    params = dit.IMPORTERS["dit"](sd, config)
+    np.testing.assert_array_equal(params["final_layer"]["linear"]["bias"], sd["final_layer.linear.bias"])
+    config.model.objective = "flow"
+    with pytest.raises(ValueError, match="objective='flow'"):
+        dit.IMPORTERS["dit"](sd, config)
+    config.model.learn_sigma = False
+    with pytest.raises(ValueError, match="learn_sigma"):
+        dit.IMPORTERS["sit"](sd, config)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"model.objective": "score"}, "config.model.objective"),
+    ({"model.objective": "flow", "sample.method": "ddpm"}, "config.sample.method"),
+    ({"sample.method": "sde"}, "config.sample.method"),
+    ({"sample.timestep_respacing": "ddim999"}, "timestep_respacing"),
+    ({"sample.cfg_channels": -1}, "cfg_channels"),
+])
+def test_config_mistakes_fail_before_compilation(override, match):
+    config = tiny_dit_config(**override)
+    with pytest.raises(ValueError, match=match):
+        get_method(config).validate_config(config)
