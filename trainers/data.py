@@ -147,9 +147,9 @@ def validate(config, *, process_count: int | None = None) -> None:
 def image_shape(config) -> tuple[int, int, int]:
     """(H, W, C) of one example as the model sees it (for model init)."""
     if config.data.latents:
-        from trainers import cache_latents
+        from trainers import latents
 
-        return tuple(cache_latents.latent_shape(config))
+        return tuple(latents.latent_shape(config))
     return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
@@ -349,6 +349,29 @@ def _source(config) -> tuple[grain.sources.RandomAccessDataSource, dict[str, int
     return _Records(os.path.join(directory, _RECORDS_FILE), keep), counts
 
 
+class ImageSource:
+    """Random access to ``config.data``'s usable images in storage order, each preprocessed as
+    training reads it but never flipped: ``source[i] -> {"image": float32 (H, W, C) in [-1, 1],
+    "label": int32}``, or None for a record that cannot be decoded (TFDS records are checked only
+    here). For code outside the training pipeline: references, latent caches."""
+
+    def __init__(self, config):
+        self._source, self.skipped_at_build = _source(config)
+        self._prep = Preprocess(config.data.image_size, config.data.channels, False, min_image_side(config))
+        self._rng = np.random.default_rng(0)  # unused without flips
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self._prep(self._source[int(index)], self._rng)
+
+
+def image_source(config) -> ImageSource:
+    """The public way to read ``config.data``'s images one by one (see :class:`ImageSource`)."""
+    return ImageSource(config)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 
@@ -543,13 +566,10 @@ def create_iterator(config, *, seed: int, global_batch_size: int,
     (B_local,)}, B_local = global_batch_size / shard_count; returns an ImageIterator
     (skip_counts(), skipped_images).
 
-    Latents (config.data.latents != ""): delegates to
-    ``trainers.cache_latents.latent_dataset(config, seed=seed,
-    global_batch_size=global_batch_size, shard_options=shard_options)``, which
-    must return a grain DatasetIterator (get_state/set_state, saveable with
-    grain.checkpoint) of {"latent": float32 (B_local, h, w, c) already times
-    config.data.latent_scale, "label": int32 (B_local,)}; and
-    ``cache_latents.latent_shape(config) -> (h, w, c)`` serves image_shape().
+    Latents (config.data.latents != ""): ``trainers.latents.latent_dataset``, a
+    checkpointable grain iterator of {"latent": (B_local, ...) already times
+    config.tokenizer.scale (int32 codes unscaled), "label": int32 (B_local,)};
+    ``trainers.latents.latent_shape`` serves image_shape().
 
     shard_options defaults to one shard per JAX process
     (grain.sharding.ShardByJaxProcess); pass ShardOptions to simulate others.
@@ -560,9 +580,9 @@ def create_iterator(config, *, seed: int, global_batch_size: int,
         raise ValueError(f"global batch size {global_batch_size} is not divisible by "
                          f"the {shard_options.shard_count} processes loading it")
     if config.data.latents:
-        from trainers import cache_latents
+        from trainers import latents
 
-        return cache_latents.latent_dataset(config, seed=seed, global_batch_size=global_batch_size,
+        return latents.latent_dataset(config, seed=seed, global_batch_size=global_batch_size,
                                             shard_options=shard_options)
     source, skipped_at_build = _source(config)
     from trainers import captions  # config.data.captions: each record carries its caption embeddings

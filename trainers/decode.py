@@ -92,8 +92,14 @@ def validate(config) -> None:
 
     Cheap: reads a workdir's config.json, never compiles or loads weights.
     """
+    if "latent_scale" in config.data:
+        raise ValueError("config.data.latent_scale is gone: the latent scale is config.tokenizer.scale")
     t = config.get("tokenizer")
     if t is None or not t.kind:
+        if config.data.get("latents"):
+            raise ValueError(f"config.data.latents={config.data.latents!r} but config.tokenizer.kind is empty: name "
+                             "the tokenizer whose latents these are (kl16 | sd_vae + weights, or workdir), so that "
+                             "samples can be decoded to images")
         return
     if t.kind not in KINDS:
         raise ValueError(f"config.tokenizer.kind={t.kind!r}: one of {KINDS}")

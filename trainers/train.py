@@ -22,9 +22,11 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
-from trainers import checkpoint, sharding
+from trainers import checkpoint, decode, sharding
 from trainers.method import ModelDef, get_method
 from trainers.optim import make_optimizer
+from trainers.sample import (Sampler, fetch_global, generate, grid_labels, images_to_uint8, make_grid,  # noqa: F401
+                             sample_batch_size, sample_images, save_png)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,59 +167,6 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
             for k, v in batch.items()}
 
 
-def fetch_global(x) -> np.ndarray:
-    """A global (possibly multi-host) array as numpy on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
-def images_to_uint8(x) -> np.ndarray:
-    """[-1, 1] floats (B, H, W, C) -> uint8."""
-    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
-
-
-def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(B, H, W, C) uint8 -> one (rows*H, cols*W, 3) uint8 image with 2-px gaps."""
-    b, h, w, c = images.shape
-    if c == 1:
-        images = np.repeat(images, 3, axis=-1)
-    cols = columns or int(np.ceil(np.sqrt(b)))
-    rows = int(np.ceil(b / cols))
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
-    for i in range(b):
-        r, q = divmod(i, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[i]
-    return grid
-
-
-def save_png(path: str | Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-
-
-class Sampler:
-    """Jitted class-conditional sampling from the (EMA) params, sharded over the batch."""
-
-    def __init__(self, method, model_def: ModelDef, mesh, **sampler_kwargs):
-        self.mesh = mesh
-        out_sh = sharding.batch_sharding(mesh, 4)
-
-        def sample(params, rest, rng, labels):
-            with sharding.use_mesh(mesh):
-                return method.sample(model_def.merge(params, rest), rng, labels, **sampler_kwargs)
-
-        self._sample = jax.jit(sample, out_shardings=out_sh)
-
-    def __call__(self, params, rest, rng, labels) -> jax.Array:
-        labels = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.batch_sharding(self.mesh, 1))
-        return self._sample(params, rest, rng, labels)
-
-
 class Reconstructor:
     """Jitted tokenizer round trip (encode, decode) from the (EMA) params, sharded over the batch."""
 
@@ -232,22 +181,18 @@ class Reconstructor:
         return self._reconstruct(params, rest, images)
 
 
-def grid_labels(num: int, num_classes: int) -> np.ndarray:
-    return (np.arange(num) % num_classes).astype(np.int32)
-
-
-def sample_batch_size(num: int, mesh) -> int:
-    """The smallest multiple of the data-parallel size that holds ``num``."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    return int(np.ceil(num / dp) * dp)
-
-
 # ============================================================================ preemption
 class PreemptionWatcher:
-    """SIGTERM sets a flag; the loop saves at the next step and exits cleanly."""
+    """SIGTERM sets a flag; the loop saves at the next step and exits cleanly.
 
-    def __init__(self):
+    With several processes every one must stop at the same step, so the flag is agreed on by a
+    collective, only every ``check_every`` steps (config.preemption_check_every) to keep it off
+    the step's critical path; a single process checks every step for free.
+    """
+
+    def __init__(self, check_every: int = 1):
         self.requested = False
+        self.check_every = max(1, int(check_every))
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -256,9 +201,11 @@ class PreemptionWatcher:
         logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting")
         self.requested = True
 
-    def should_stop(self) -> bool:
+    def should_stop(self, step: int = 0) -> bool:
         flag = self.requested
         if jax.process_count() > 1:  # every process must stop at the same step
+            if step % self.check_every:
+                return False
             from jax.experimental import multihost_utils
 
             flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
@@ -271,14 +218,31 @@ class PreemptionWatcher:
 
 # ============================================================================ the loop
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
-    """Train ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the final state."""
+    """Train ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the final state.
+
+    Before step 1: the workdir is locked (one trainer per workdir), it and its checkpoint directory
+    are checked writable, and every file the run reads later (Inception weights, references) is
+    checked (config_validation.check_run_files)."""
+    from trainers import config_validation, workdir_lock
+
+    workdir = str(Path(workdir).absolute())
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    lock = workdir_lock.WorkdirLock(workdir).acquire()
+    try:
+        checkpoint.check_writable(workdir)
+        config_validation.check_run_files(config)
+        return _train(config, workdir, devices)
+    finally:
+        lock.release()
+
+
+def _train(config, workdir: str, devices) -> dict:
     from clu import metric_writers, periodic_actions
 
     from trainers import data
 
-    workdir = str(Path(workdir).absolute())
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    checkpoint.write_config(workdir, config)
+    # ---- data (first: a dataset with no usable images fails before any model is set up)
+    data_iter = data.create_iterator(config, seed=config.seed, global_batch_size=config.batch_size)
 
     # ---- mesh
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -295,9 +259,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
     logging.info("%s: %.2fM parameters", config.model.name, num_params / 1e6)
 
-    # ---- data
-    data_iter = data.create_iterator(config, seed=config.seed, global_batch_size=config.batch_size)
-
     def report_skipped(prefix=""):
         if hasattr(data_iter, "skip_counts"):
             counts = data_iter.skip_counts()
@@ -312,7 +273,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     manager = checkpoint.make_manager(workdir, keep_last=config.keep_last, keep_every=config.keep_every)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, shardings)
-    start_step, state = checkpoint.restore_latest(manager, abstract_sharded, data_iter)
+    # A checkpoint of another model or optimizer is an error (nothing moved); damage falls back.
+    start_step, state = checkpoint.restore_latest(manager, abstract_sharded, data_iter, config=config)
+    checkpoint.log_config_changes(workdir, config)
+    checkpoint.write_config(workdir, config)
     if state is None:
         with sharding.use_mesh(mesh):
             state = jax.jit(init, out_shardings=shardings)(seed_key)
@@ -339,18 +303,21 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                                              every_steps=config.log_every)]
     if config.profile and is_main:
         hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start_step + 10))
-    watcher = PreemptionWatcher()
+    watcher = PreemptionWatcher(config.get("preemption_check_every", 1))
     metrics_log = Path(workdir) / "metrics.jsonl"
     digest_log = Path(workdir) / f"batch_digests.p{jax.process_index()}.jsonl" if config.get(
         "log_batch_digest", False) else None
     sampler = Sampler(method, model_def, mesh) if method.kind == "generator" else None
+    # A latent generator's samples are decoded by its paired tokenizer (trainers/decode.py), loaded once.
+    decoder = decode.build_decoder(config, mesh) if sampler is not None else None
 
     def check_finite(state):
         bad = int(jax.device_get(state["nonfinite_step"]))
         if bad >= 0:
             raise NonFiniteLossError(
-                f"non-finite loss at step {bad}; stopping without saving. The last good checkpoint "
-                f"(step {manager.latest_step()}) in {checkpoint.checkpoint_dir(workdir)} is intact.")
+                f"non-finite loss at step {bad}; stopping without saving. The newest checkpoint "
+                f"(step {manager.latest_step()}) in {checkpoint.checkpoint_dir(workdir)} precedes it; its "
+                "checksums are verified when a rerun restores it.")
 
     reconstructor = Reconstructor(method, model_def, mesh) if hasattr(method, "reconstruct") else None
     grid_batch: dict = {}  # tokenizers: the first batch, reconstructed at every grid
@@ -362,8 +329,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         params = state["ema_params"] if config.sample.use_ema else state["params"]
         if sampler is not None:
             labels = grid_labels(sample_batch_size(n, mesh), config.data.num_classes)
-            images = images_to_uint8(fetch_global(sampler(params, state["rest"],
-                                                          jax.random.PRNGKey(config.seed), labels)))[:n]
+            x, _ = sample_images(sampler, decoder, params, state["rest"], jax.random.PRNGKey(config.seed), labels)
+            images = images_to_uint8(fetch_global(x))[:n]
         else:  # originals and their reconstructions, interleaved
             originals = grid_batch["image"]
             recon = images_to_uint8(fetch_global(reconstructor(params, state["rest"], originals)))
@@ -394,6 +361,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 grid_batch["image"] = jnp.copy(global_batch["image"])
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = p_train_step(state, global_batch)
+            manager.poll()  # a failed background save raises here, with its cause
             pending.append(metrics)
             for hook in hooks:
                 hook(step)
@@ -414,7 +382,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
                 pending.clear()
                 t_log = time.time()
 
-            if watcher.should_stop():
+            if watcher.should_stop(step):
                 check_finite(state)
                 checkpoint.save(manager, step, state, data_iter)
                 manager.wait_until_finished()
@@ -428,18 +396,35 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
             if config.sample_every and step % config.sample_every == 0:
                 write_grid(step)
             if config.eval.every and step % config.eval.every == 0 and step != config.num_steps:
-                evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor)
+                evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor, decoder)
         manager.wait_until_finished()
         report_skipped("data: ")
         if step > start_step:
             write_grid(step)
-        if step > start_step:
-            evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor)
+        if step > start_step or not _has_final_scores(config, workdir, step):
+            evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor, decoder)
     finally:
-        manager.wait_until_finished()
+        if not manager.failed:  # (a failed save was raised already; waiting again would mask it)
+            manager.wait_until_finished()
         writer.flush()
         watcher.restore()
     return state
+
+
+def _has_final_scores(config, workdir: str, step: int) -> bool:
+    """Whether scores.jsonl holds the final evaluation (a finished run rerun without it evaluates)."""
+    if not int(config.eval.num_samples):
+        return True
+    path = Path(workdir) / "scores.jsonl"
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step") == step:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def _digest(batch: dict[str, np.ndarray]) -> str:
@@ -470,10 +455,11 @@ def dataset_images(config, num: int, *, seed: int) -> np.ndarray:
     return np.concatenate(out)[:num]
 
 
-def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor=None):
+def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, reconstructor=None, decoder=None):
     """Scores of ``config.eval.num_samples`` samples (generators) or reconstructions (tokenizers):
     FID/IS/sFID/precision/recall with Inception weights (config.eval.inception_weights) and, on the
-    embedded MNIST data, the MNIST-feature FID and MNIST-classifier IS (eval/domain.py)."""
+    embedded MNIST data, the MNIST-feature FID and MNIST-classifier IS (eval/domain.py). A latent
+    generator's samples are decoded by ``decoder`` (its paired tokenizer) first."""
     n = int(config.eval.num_samples)
     if not n or (sampler is None and reconstructor is None):
         return None
@@ -481,9 +467,9 @@ def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, r
 
     reference = dataset_images(config, n, seed=config.seed + 17)
     if sampler is not None:
-        from trainers.sample import generate
-
-        images, _ = generate(config, sampler, state, mesh, n, seed=config.seed + 1)
+        params = state["ema_params"] if config.sample.use_ema else state["params"]
+        images, _, _ = generate(config, sampler, params, state["rest"], mesh, n, seed=config.seed + 1,
+                                decoder=decoder)
     else:
         params = state["ema_params"] if config.sample.use_ema else state["params"]
         chunks = []
@@ -494,9 +480,6 @@ def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, r
             x = jax.device_put(x, sharding.batch_sharding(mesh, 4))
             chunks.append(images_to_uint8(fetch_global(reconstructor(params, state["rest"], x)))[:len(x) - pad])
         images = np.concatenate(chunks)
-    if images.shape[-1] not in (1, 3):
-        logging.warning("evaluation skipped: samples have %d channels (latents); decode them first", images.shape[-1])
-        return None
     scores = harness.evaluate(images, ref=config.eval.ref or None,
                               inception_weights=config.eval.inception_weights or None,
                               dataset_images=reference, domain=config.data.name == "mnist_embedded")
