@@ -47,7 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from trainers.config_validation import ConfigError, RunError
+from trainers.errors import ConfigError, RunError
 
 STATE = "state"
 DATA_ITER = "data_iter"

@@ -10,10 +10,7 @@ from __future__ import annotations
 import jax
 
 from trainers import optim, sharding
-
-
-class ConfigError(ValueError):
-    """A config mistake, found before compilation."""
+from trainers.errors import ConfigError, RunError  # noqa: F401 (defined in a leaf module: no import cycles)
 
 
 def _require(cond: bool, message: str):
