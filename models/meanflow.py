@@ -349,20 +349,25 @@ def check_meanflow_fixture(meta, params, buffers, inputs):
     c = meta["constructor"]
     method = MeanFlow(_fixture_config(c["net"], c["method"]))
     model = load_params(build_network(method.config.model, nnx.Rngs(0)), params_from_flax(params))
-    f = {k: jnp.asarray(v) for k, v in inputs.items()}
-    out = {"u": model(f["u_z"], f["u_t"], f["u_h"], f["u_y"].astype(jnp.int32))}
-    draws_in = {k: f[k] for k in ("t_draw", "r_draw", "noise", "drop_u")}
-    for prefix, overrides in (("loss", {}), ("k0", c.get("method_k0", {}))):
-        if prefix == "k0" and not overrides:
-            continue
-        m = MeanFlow(_fixture_config(c["net"], {**c["method"], **overrides}))
-        _, terms = m.objective(model, f["x"], f["labels"].astype(jnp.int32), **draws_in)
-        for name, value in terms.items():
-            out["loss" if (prefix, name) == ("loss", "loss") else f"{prefix}_{name}"] = value
-    z, y, ts = f["sample_z"], f["sample_y"].astype(jnp.int32), f["sample_t_steps"]
-    for i in range(ts.shape[0] - 1):
-        out[f"sample_step{i}"] = MeanFlow.solver_step(model, z, ts[i], ts[i + 1], y)
-    out["sample_1nfe"] = MeanFlow.solver_step(model, z, jnp.float32(1.0), jnp.float32(0.0), y)  # default [1, 0]
+    variants = [("loss", MeanFlow(_fixture_config(c["net"], c["method"])))]
+    if c.get("method_k0"):
+        variants.append(("k0", MeanFlow(_fixture_config(c["net"], {**c["method"], **c["method_k0"]}))))
+
+    @nnx.jit
+    def run(model, f):
+        out = {"u": model(f["u_z"], f["u_t"], f["u_h"], f["u_y"].astype(jnp.int32))}
+        draws_in = {k: f[k] for k in ("t_draw", "r_draw", "noise", "drop_u")}
+        for prefix, m in variants:
+            _, terms = m.objective(model, f["x"], f["labels"].astype(jnp.int32), **draws_in)
+            for name, value in terms.items():
+                out["loss" if (prefix, name) == ("loss", "loss") else f"{prefix}_{name}"] = value
+        z, y, ts = f["sample_z"], f["sample_y"].astype(jnp.int32), f["sample_t_steps"]
+        for i in range(ts.shape[0] - 1):
+            out[f"sample_step{i}"] = MeanFlow.solver_step(model, z, ts[i], ts[i + 1], y)
+        out["sample_1nfe"] = MeanFlow.solver_step(model, z, jnp.float32(1.0), jnp.float32(0.0), y)  # [1, 0]
+        return out
+
+    out = run(model, {k: jnp.asarray(v) for k, v in inputs.items()})
     return {k: np.asarray(v) for k, v in out.items()}
 
 
