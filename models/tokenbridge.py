@@ -182,8 +182,8 @@ class TokenBridgeNet(nnx.Module):
         self.num_classes = num_classes
         self.attn_dropout, self.proj_dropout = attn_dropout, proj_dropout
         self.quantizer = quantizer
-        self.channel_order = order
-        self.inv_channel_order = np.argsort(order).astype(np.int32)
+        self.channel_order = tuple(int(i) for i in order)  # tuples: static, not array state
+        self.inv_channel_order = tuple(int(i) for i in np.argsort(order))
         self.channel_num_heads = channel_heads
         levels = quantizer.levels
         e, d, c = encoder_embed_dim, decoder_embed_dim, channel_embed_dim
@@ -411,12 +411,14 @@ def max_visible(seq_len: int, buffer_size: int, mask_ratio_min: float) -> int:
 
 def training_terms(model: TokenBridgeNet, tokens: jax.Array, labels: jax.Array, mask: jax.Array,
                    drop: jax.Array, *, num_visible: int | None, dropout_rng=None):
-    """The training forward on continuous tokens (B, N, T): (logits (B, N, T, lv), targets in channel order, loss).
+    """The training forward on continuous tokens (B, N, T).
+
+    Returns (decoder features (B, N, D), logits (B, N, T, lv), targets in channel order, loss).
 
     The loss is the cross-entropy over every dimension of every masked token, averaged over them.
     """
     indices, values = model.quantize(tokens)
-    targets = indices[..., model.channel_order]
+    targets = indices[..., np.asarray(model.channel_order)]
     enc_rng = head_rng = None
     if dropout_rng is not None:
         enc_rng, head_rng = jax.random.split(dropout_rng)
@@ -426,7 +428,7 @@ def training_terms(model: TokenBridgeNet, tokens: jax.Array, labels: jax.Array, 
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, N, T)
     weight = mask.astype(jnp.float32)[..., None]
     loss = jnp.sum(ce * weight) / (jnp.sum(weight) * model.token_dim)
-    return logits, targets, loss
+    return z, logits, targets, loss
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -594,7 +596,7 @@ class TokenBridge(Method):
         num_masked = jnp.clip(jnp.ceil(n * ratio), low, n).astype(jnp.int32)
         mask = mask_from_orders(random_orders(rng_order, b, n), num_masked)
         drop = jax.random.uniform(rng_drop, (b,)) < m.label_drop_prob
-        _, _, loss = training_terms(model, tokens, batch["label"], mask, drop,
+        *_, loss = training_terms(model, tokens, batch["label"], mask, drop,
                                     num_visible=max_visible(n, m.buffer_size, m.mask_ratio_min),
                                     dropout_rng=rng_dropout)
         return loss, {"loss": loss, "mask_ratio": ratio}
@@ -757,11 +759,11 @@ def check_backbone_fixture(meta, params, buffers, inputs):
 
     def run(model, tokens, labels, mask, drop):
         indices, values = model.quantize(tokens)
-        targets = indices[..., model.channel_order]
+        targets = indices[..., np.asarray(model.channel_order)]
         cls = model.class_embedding(labels, drop)
         enc, ids, valid = model.forward_mae_encoder(values, mask, cls, num_visible=num_visible)
         z = model.forward_mae_decoder(enc, ids, valid)
-        logits, _, loss = training_terms(model, tokens, labels, mask, drop, num_visible=num_visible)
+        _, logits, _, loss = training_terms(model, tokens, labels, mask, drop, num_visible=num_visible)
         return indices, values, targets, cls, enc, z, logits, loss
 
     indices, values, targets, cls, enc, z, logits, loss = _jitted(run, model)(tokens, labels, jnp.asarray(mask), drop)

@@ -38,6 +38,17 @@ def tiny_xar_config(**overrides):
     return _tiny_run(c, overrides)
 
 
+def tiny_tokenbridge_config(**overrides):
+    """A tiny TokenBridge (16x16x1 pixels, patch 4 -> 4x4 grid of 16-dim tokens, width 32, 1+1+1 blocks)."""
+    from configs import tokenbridge_b
+
+    c = tokenbridge_b.get_config("demo")
+    c.model.update(input_size=16, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, channel_embed_dim=32,
+                   channel_depth=1, channel_heads=2, buffer_size=4)
+    return _tiny_run(c, overrides)
+
+
 def _tiny_run(c, overrides):
     """Loop settings every tiny test model shares (16x16 pixels, batch 8, log every step), then overrides."""
     c.data.image_size = 16

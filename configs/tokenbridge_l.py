@@ -1,0 +1,10 @@
+"""TokenBridge-L (upstream tokenbridge_large). Variants: demo, demo_latents (configs/tokenbridge_common.py).
+
+    python -m trainers.main --config=configs/tokenbridge_l.py --workdir=DIR --config.tokenizer.weights=kl16.ckpt
+"""
+
+from configs import tokenbridge_common
+
+
+def get_config(arg=None):
+    return tokenbridge_common.get_config("L", arg)
