@@ -82,6 +82,17 @@ def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)).astype(dtype)
 
 
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned ``weight``: normalised in float32, cast back, then scaled (Llama, xAR)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.eps) * self.weight[...].astype(x.dtype)
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """adaLN modulation x * (1 + scale) + shift; shift/scale (batch, channels) or broadcastable."""
     if shift.ndim == x.ndim - 1:

@@ -186,14 +186,8 @@ class GatedMlp(nnx.Module):
         return self.fc2(dropout(nnx.gelu(self.fc1_g(x), approximate=False) * self.fc1_x(x), rate, rng))
 
 
-class WeightedRMSNorm(nnx.Module):
-    """RMSNorm with a learned weight (upstream z_proj_ln, encoder_norm, decoder_norm), eps 1e-6."""
-
-    def __init__(self, dim: int):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return layers.rms_norm(x) * self.weight[...].astype(x.dtype)
+# RMSNorm with a learned weight (upstream z_proj_ln, encoder_norm, decoder_norm), eps 1e-6.
+WeightedRMSNorm = layers.RMSNorm
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

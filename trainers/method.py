@@ -38,11 +38,15 @@ from flax import nnx
 # config.model.name -> "module:Class". Lazy, so that a run imports only its method.
 METHODS: dict[str, str] = {
     "dit": "models.dit:DiTMethod",
+    "lit": "models.lit:LiTMethod",
+    "dydi_lit": "models.lit:LiTMethod",
     "meanflow": "models.meanflow:MeanFlow", "splitmeanflow": "models.splitmeanflow:SplitMeanFlow",
     "xar": "models.xar:XAR",
     "llamagen_gpt": "models.llamagen:LlamaGenGPT",
     "tokenbridge": "models.tokenbridge:TokenBridge",
     "kl_vae": "tokenizers.kl_vae:KLVAEMethod",
+    "one_d_piece": "tokenizers.one_d_piece:OneDPieceMethod", "maskgit_vqgan": "tokenizers.maskgit_vqgan:MaskGITVQGANMethod",
+    "maskgit": "models.maskgit:MaskGIT",
     "textok": "tokenizers.textok:TexTokMethod", "textok_dit": "tokenizers.textok:TexTokDiT",
 }
 
