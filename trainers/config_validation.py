@@ -109,3 +109,121 @@ def set_override(config, dotted_key: str, value: str) -> None:
     except (ValueError, KeyError):
         raise ConfigError(f"config.{dotted_key}={value!r}: expected {type(old).__name__}") from None
     node[leaf] = new
+
+
+def check_npz(path: str, field: str) -> None:
+    """``path`` is a readable, complete .npz (its zip directory reads); else a ConfigError naming both."""
+    import os
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{field}={path!r}: no such file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"{field}={path!r} is not a complete .npz ({type(e).__name__}: {e}); "
+                          "the file is truncated or of another format: write it again") from None
+
+
+def check_run_files(config) -> None:
+    """Every file a training run reads after step 1, checked before it (existence, readability, archive
+    headers; nothing is loaded): the Inception weights and the reference statistics of the evaluation."""
+    e = config.get("eval")
+    if e is None or not int(e.get("num_samples", 0)):
+        return
+    if e.get("inception_weights"):
+        from eval import inception
+
+        try:
+            inception.check_weights_file(e.inception_weights)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"config.eval.inception_weights={e.inception_weights!r}: {err}") from None
+    if e.get("ref"):
+        check_npz(e.ref, "config.eval.ref")
+
+
+# ============================================================================ command-line errors
+# Every CLI of the zoo (trainers.main, trainers.sample, trainers.convert) reports a user error as one
+# line naming the field or the file and what to do, without a traceback; --verbose keeps tracebacks.
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def _argv_value(argv, name: str) -> str | None:
+    for a in argv:
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def explain_flag_error(e: BaseException, argv) -> str:
+    """A flag-parsing failure (ml_collections config_flags, absl) as one line naming the flag."""
+    text = str(e)
+    config_arg = _argv_value(argv, "config")
+    if isinstance(e, OSError) or "earlier failure to load" in text or "Failed loading config file" in text:
+        if config_arg is not None:
+            return (f"--config={config_arg}: cannot load the config file ({one_line(e).split(': ')[-1]}); "
+                    "give a file under configs/, e.g. --config=configs/dit_s.py:demo")
+    if isinstance(e, AttributeError) or isinstance(e.__context__, KeyError):
+        key = text.strip("\"'")
+        for a in argv:
+            name = a.split("=", 1)[0]
+            if name.startswith("--config.") and name.split(".")[-1] == key:
+                parent = name[2:].rsplit(".", 1)[0]
+                return f"{name}: {parent} has no field {key!r}; check the spelling against {config_arg or 'the config'}"
+        return f"unknown config field {key!r}; check the spelling of the --config.* flags"
+    if "Error whilst parsing config file" in text:
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        return f"--config={config_arg}: {last}"
+    return one_line(e)
+
+
+USER_ERRORS = (ConfigError, RunError, OSError)
+
+
+def run_cli(main) -> None:
+    """``absl.app.run(main)`` with one-line user errors (exit 2), a failed checkpoint save exiting at once
+    (exit 4; orbax's stuck background threads would otherwise hold the exit for 300 s), --verbose."""
+    import os
+    import sys
+
+    from absl import app, flags
+
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "show the traceback of user errors (config, files, workdir)")
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:  # noqa: BLE001 - every parse failure is the user's input
+            if "--verbose" in argv:
+                raise
+            print(f"error: {explain_flag_error(e, argv)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def wrapped(argv):
+        from trainers.checkpoint import SaveError
+
+        try:
+            return main(argv)
+        except SaveError as e:
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            if flags.FLAGS.verbose:
+                import traceback
+
+                traceback.print_exc()
+            sys.stdout.flush()
+            os._exit(4)
+        except USER_ERRORS as e:
+            if flags.FLAGS.verbose:
+                raise
+            prefix = "config error" if isinstance(e, ConfigError) else "error"
+            kind = "" if isinstance(e, (ConfigError, RunError)) else f"{type(e).__name__}: "
+            print(f"{prefix}: {kind}{one_line(e)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(wrapped, flags_parser=parse)

@@ -29,6 +29,8 @@ KINDS: dict[str, str] = {
     "dit": "models.dit",
     "sit": "models.dit",
     "dit_diffusion": "models.dit",
+    "lit": "models.lit",
+    "dydi_lit": "models.lit",
     "meanflow": "models.meanflow", "splitmeanflow_sit": "models.splitmeanflow",
     "xar_net": "models.xar",
     "xar_kvcache_step": "models.xar",
@@ -129,7 +131,10 @@ def import_checkpoint(kind: str, src: str, out: str, config) -> Path:
     loader = getattr(module, "load_state_dict", torchfile.load_state_dict)
     state_dict = loader(src)
     params = importers[kind](state_dict, config)
-    return checkpoint.write_imported(out, config, train.state_from_params(config, params), source=str(src))
+    rest = None
+    if isinstance(params, tuple):  # (params, non-trainable state), e.g. LiT's frozen DiT teacher
+        params, rest = params
+    return checkpoint.write_imported(out, config, train.state_from_params(config, params, rest), source=str(src))
 
 
 def main(argv: list[str]) -> int:

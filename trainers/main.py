@@ -6,6 +6,10 @@ Restarting on the same workdir resumes from its newest complete checkpoint.
 Multi-host (TPU pods, multi-node GPU): pass --distributed (jax.distributed
 discovers the cluster on Cloud TPU and SLURM) or give --coordinator,
 --num_processes and --process_id explicitly.
+
+One trainer per workdir (DIR/LOCK). A user error (config, files, workdir, a
+checkpoint of another model) is one line on stderr and exit status 2; a failed
+checkpoint save exits 4 and a non-finite loss 3. --verbose shows tracebacks.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -33,11 +37,7 @@ def main(argv):
     from trainers import config_validation, train
 
     config = FLAGS.config
-    try:
-        config_validation.validate(config)
-    except config_validation.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    config_validation.validate(config)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     try:
@@ -49,4 +49,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from trainers import config_validation
+
+    config_validation.run_cli(main)
