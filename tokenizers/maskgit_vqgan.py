@@ -238,6 +238,15 @@ def load_vqgan_params(path, kwargs, config_field: str) -> dict:
     return params_from_torch(torchfile.load_state_dict(path), kwargs)
 
 
+def load_vqgan_torch(path, config_field: str) -> dict:
+    """The upstream state_dict (numpy) of ``maskgit-vqgan-imagenet-f16-256.bin``."""
+    from trainers import torchfile
+
+    path = require_file(path, what=f"MaskGIT-VQGAN weights {CHECKPOINT_FILE}", config_field=config_field,
+                        published=CHECKPOINT_URL)
+    return torchfile.load_state_dict(path)
+
+
 def workdir_params(workdir) -> dict:
     """EMA params (numpy) of the newest checkpoint of a ``maskgit_vqgan`` training run."""
     from trainers import checkpoint, decode, sharding

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -138,14 +139,25 @@ class TiTokDecoder(nnx.Module):
 
 
 class OneDPiece(nnx.Module):
-    """TiTok with Tail Token Drop. ``stage == 2`` (upstream ``finetune_decoder``) adds the MaskGIT
-    pixel codebook and decoder; ``decode`` then returns images (B, H, W, C) (nominally [0, 1],
-    not clamped) instead of logits."""
+    """TiTok with Tail Token Drop.
+
+    ``stage``: 1 -- ``decode`` returns the logits over the VQGAN codes (upstream
+    ``finetune_decoder: False``); 2 -- ``decode`` returns images through the soft pixel path
+    (``finetune_decoder: True``). ``vqgan`` (the MaskGIT VQGAN's config) adds ``pixel_quantize``
+    and ``pixel_decoder`` (upstream has them in stage 2 only; here stage 1 may carry the frozen
+    teacher's copies too, with ``teacher_encoder`` its encoder for the proxy codes, so a stage-1
+    workdir is self-contained: its images decode through argmax + the VQGAN decoder, as
+    upstream's stage-1 evaluation does).
+    """
 
     def __init__(self, *, image_size: int, enc_patch_size: int, dec_patch_size: int, encoder_size, decoder_size,
                  num_latent_tokens: int, token_size: int, codebook_size: int, commitment_cost: float = 0.25,
                  use_l2_norm: bool = True, target_codebook_size: int = 1024, in_channels: int = 3, stage: int = 1,
-                 vqgan: dict | None = None, rngs: nnx.Rngs, dtype=jnp.float32):
+                 vqgan: dict | None = None, teacher_encoder: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
+        if stage not in (1, 2):
+            raise ValueError(f"One-D-Piece stage={stage}: 1 (proxy-code CE) or 2 (pixel decoder fine-tuning)")
+        if stage == 2 and vqgan is None:
+            raise ValueError("One-D-Piece stage 2 needs the MaskGIT VQGAN config (vqgan=...) for its pixel decoder")
         ew, ed, eh = encoder_size
         dw, dd, dh = decoder_size
         self.num_latent_tokens, self.token_size, self.stage = num_latent_tokens, token_size, stage
@@ -158,16 +170,22 @@ class OneDPiece(nnx.Module):
         self.latent_tokens = vit.learned_embedding(rngs, (num_latent_tokens, ew), ew ** -0.5)
         self.quantize = quantizers.VectorQuantizer(codebook_size, token_size, commitment_cost=commitment_cost,
                                                    use_l2_norm=use_l2_norm, rngs=rngs)
-        if stage == 2:
-            v = {**(vqgan or {}), "num_channels": in_channels}
-            kw = maskgit_vqgan.vqgan_kwargs(v)
+        pixel_encoder = pixel_quantize = pixel_decoder = None
+        if vqgan is not None:
+            kw = maskgit_vqgan.vqgan_kwargs({**vqgan, "num_channels": in_channels})
             if kw["num_embeddings"] != target_codebook_size:
-                raise ValueError(f"stage 2: the VQGAN has {kw['num_embeddings']} codes but the decoder predicts "
+                raise ValueError(f"the VQGAN has {kw['num_embeddings']} codes but the decoder predicts "
                                  f"{target_codebook_size}")
-            self.pixel_quantize = quantizers.VectorQuantizer(kw["num_embeddings"], kw["z_channels"], rngs=rngs)
-            self.pixel_decoder = maskgit_vqgan.Decoder(
-                hidden_channels=kw["hidden_channels"], channel_mult=kw["channel_mult"],
-                num_res_blocks=kw["num_res_blocks"], z_channels=kw["z_channels"], num_channels=in_channels, rngs=rngs)
+            net = dict(hidden_channels=kw["hidden_channels"], channel_mult=kw["channel_mult"],
+                       num_res_blocks=kw["num_res_blocks"], z_channels=kw["z_channels"], num_channels=in_channels,
+                       rngs=rngs)
+            if teacher_encoder:
+                pixel_encoder = maskgit_vqgan.Encoder(**net)
+            pixel_quantize = quantizers.VectorQuantizer(kw["num_embeddings"], kw["z_channels"], rngs=rngs)
+            pixel_decoder = maskgit_vqgan.Decoder(**net)
+        self.pixel_encoder = nnx.data(pixel_encoder)
+        self.pixel_quantize = nnx.data(pixel_quantize)
+        self.pixel_decoder = nnx.data(pixel_decoder)
 
     def encode(self, images):
         """images (B, H, W, C) in [0, 1] -> (z_q (B, N, token_size), info with ``indices`` (B, N))."""
@@ -175,17 +193,35 @@ class OneDPiece(nnx.Module):
         return self.quantize(z)
 
     def decode(self, z_q, length=None, keep=None):
-        """Tokens (B, N, token_size) -> logits (stage 1) or images (stage 2) from the first ``length``
-        tokens (an int, or an int array () / (B,)), or from those ``keep`` (N,) / (B, N) marks."""
-        if length is not None:
-            if isinstance(length, int):
-                z_q = z_q[:, :length]  # a static length: upstream's slice
-            else:
-                keep = vit.prefix_mask(length, z_q.shape[1])
-        logits = self.decoder(z_q, keep)
+        """Tokens (B, n, token_size), n <= N -> logits (stage 1) or images (stage 2) from the first
+        ``length`` tokens (an int: upstream's slice; an int array () / (B,): a mask), or from those
+        ``keep`` (n,) / (B, n) marks."""
+        logits = self._logits(z_q, length, keep)
         if self.stage == 1:
             return logits
         return self.pixel_decoder(self.soft_pixel_latents(logits))
+
+    def _logits(self, z_q, length, keep):
+        if length is not None:
+            if isinstance(length, int):
+                z_q = z_q[:, :length]
+            else:
+                keep = vit.prefix_mask(length, z_q.shape[1])
+        return self.decoder(z_q, keep)
+
+    def decode_pixels(self, z_q, length=None, keep=None):
+        """Images (B, H, W, C), nominally [0, 1], not clamped: stage 2 the soft decode; stage 1
+        argmax over the logits -> the VQGAN codebook -> its decoder (upstream's stage-1 evaluation)."""
+        if self.pixel_decoder is None:
+            raise ValueError("this One-D-Piece model has no pixel decoder (built without vqgan=...)")
+        logits = self._logits(z_q, length, keep)
+        if self.stage == 2:
+            return self.pixel_decoder(self.soft_pixel_latents(logits))
+        return self.pixel_decoder(self.pixel_quantize.lookup(jnp.argmax(logits, axis=-1)))
+
+    def proxy_codes(self, images):
+        """The frozen teacher's codes (B, g, g) of [0, 1] images (stage 1's CE targets)."""
+        return self.pixel_quantize.nearest(self.pixel_encoder(images))
 
     def soft_pixel_latents(self, logits):
         """softmax over the VQGAN codes times its codebook (the stage-2 *soft* decode)."""
@@ -198,15 +234,18 @@ class OneDPiece(nnx.Module):
         return self.decode(self.quantize.lookup(indices), length=length)
 
 
-def model_kwargs(m, channels: int) -> dict:
-    """OneDPiece constructor arguments from ``config.model``."""
-    return dict(image_size=int(m.image_size), enc_patch_size=int(m.enc_patch_size), dec_patch_size=int(m.dec_patch_size),
+def model_kwargs(config) -> dict:
+    """OneDPiece constructor arguments from a run config (``config.model``, ``config.data``)."""
+    m = config.model
+    return dict(image_size=int(config.data.image_size), enc_patch_size=int(m.enc_patch_size),
+                dec_patch_size=int(m.dec_patch_size),
                 encoder_size=(int(m.encoder.width), int(m.encoder.depth), int(m.encoder.heads)),
                 decoder_size=(int(m.decoder.width), int(m.decoder.depth), int(m.decoder.heads)),
                 num_latent_tokens=int(m.num_latent_tokens), token_size=int(m.token_size),
                 codebook_size=int(m.codebook_size), commitment_cost=float(m.commitment_cost),
                 use_l2_norm=bool(m.use_l2_norm), target_codebook_size=int(m.vqgan.num_embeddings),
-                in_channels=int(channels), stage=int(m.stage), vqgan=dict(m.vqgan))
+                in_channels=int(config.data.channels), stage=int(m.stage), vqgan=m.vqgan.to_dict(),
+                teacher_encoder=int(m.stage) == 1)
 
 
 # ----------------------------------------------------------------------------
@@ -242,8 +281,17 @@ def params_from_torch(state_dict, kwargs) -> dict:
 
 def import_one_d_piece(state_dict, config) -> dict:
     """A released tokenizer (HF ``pytorch_model.bin``/``model.safetensors``) or a training checkpoint's
-    ``ema_model/pytorch_model.bin``; the config's ``model.stage`` must match (released: stage 2)."""
-    return params_from_torch(state_dict, model_kwargs(config.model, config.data.channels))
+    ``ema_model/pytorch_model.bin``. Released tokenizers are stage 2; a stage-1 checkpoint takes its
+    frozen teacher (``pixel_*``) from ``config.model.vqgan_weights``."""
+    kwargs = model_kwargs(config)
+    has_pixels = any(k.startswith("pixel_") for k in state_dict)
+    if not has_pixels:  # a stage-1 checkpoint: the frozen teacher comes from the VQGAN file
+        vq = maskgit_vqgan.load_vqgan_torch(config.model.vqgan_weights, "config.model.vqgan_weights")
+        state_dict = {**state_dict, **{"pixel_" + k: v for k, v in vq.items()
+                                       if kwargs["teacher_encoder"] or not k.startswith("encoder.")}}
+    elif kwargs["teacher_encoder"]:
+        raise ValueError("a stage-2 checkpoint (it has pixel_* keys) needs config.model.stage=2")
+    return params_from_torch(state_dict, kwargs)
 
 
 def load_state_dict(path):
@@ -308,3 +356,337 @@ def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
 
 
 FIXTURE_CHECKS = {"one_d_piece": fixture_check}
+
+
+# ----------------------------------------------------------------------------
+# Training (config.model.name == "one_d_piece"): stage 1 and stage 2 in one method
+# ----------------------------------------------------------------------------
+
+# Upstream's weight-decay exclusions (utils/train_utils.py create_optimizer): 1-D parameters and any
+# whose name contains one of these.
+NO_DECAY_NAMES = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "scale")
+# What each stage trains (the rest is frozen: no update, no weight decay).
+FROZEN = {1: ("pixel_encoder", "pixel_quantize", "pixel_decoder"), 2: ("encoder", "quantize", "latent_tokens")}
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
+def decay_mask(params):
+    """True where AdamW's weight decay applies: matrices/kernels whose path names none of NO_DECAY_NAMES."""
+    def one(path, p):
+        names = _path_names(path)
+        return p.ndim > 1 and not any(word in name for name in names for word in NO_DECAY_NAMES)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def frozen_mask(params, stage: int):
+    return {k: jax.tree.map(lambda _: k in FROZEN[stage], v) for k, v in params.items()}
+
+
+def ema_decay(step, rate: float, warmup: bool):
+    """diffusers EMAModel (upstream): min((1 + s) / (10 + s), rate) with warmup, else rate."""
+    if not warmup:
+        return jnp.asarray(rate, jnp.float32)
+    s = step.astype(jnp.float32)
+    return jnp.minimum((1.0 + s) / (10.0 + s), rate)
+
+
+def _workdir_params(workdir, name: str) -> dict:
+    from trainers import checkpoint, decode, sharding
+    from trainers.method import get_method
+
+    config = checkpoint.read_config(workdir)
+    if config.model.name != name:
+        raise ValueError(f"{workdir} holds a {config.model.name!r} run, expected {name!r}")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    _, params, _ = decode.restore_params(workdir, ModelDef(get_method(config)), mesh)
+    return jax.tree.map(np.asarray, params), config
+
+
+class OneDPieceMethod(Method):
+    """One-D-Piece training, ``config.model.stage`` 1 or 2, with its own train state and step.
+
+    Stage 1: CE between the decoder's logits (after Tail Token Drop) and the frozen MaskGIT
+    VQGAN's proxy codes + ``quantizer_weight`` x VQ loss. Stage 2 (initialised from a stage-1
+    workdir, ``config.model.init_from``): encoder, quantizer and latent tokens frozen; the ViT
+    decoder and the VQGAN's codebook and decoder train on L2 + ``perceptual_weight`` x
+    ConvNeXt-S logit MSE + ``discriminator_weight`` x hinge G-loss from ``discriminator_start``;
+    the MaskGIT-style discriminator trains on hinge + ``lecam_weight`` x LeCAM.
+    Images: the loop's [-1, 1] are mapped to upstream's [0, 1].
+    """
+
+    kind = "tokenizer"
+    latent_type = "codes"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kwargs = model_kwargs(config)
+        self.stage = int(config.model.stage)
+        self._model_def = None
+        self._convnext = None
+
+    # -- config, network, tokenizer interface
+    def validate_config(self, config) -> None:
+        m = config.model
+        size = int(config.data.image_size)
+        for field in ("enc_patch_size", "dec_patch_size"):
+            if size % int(m[field]):
+                raise ValueError(f"config.data.image_size={size} is not divisible by config.model.{field}={m[field]}")
+        for part in ("encoder", "decoder"):
+            if int(m[part].width) % int(m[part].heads):
+                raise ValueError(f"config.model.{part}.width={m[part].width} is not divisible by heads={m[part].heads}")
+        maskgit_vqgan.validate_vqgan_config(m.vqgan, "config.model.vqgan")
+        f = 2 ** (len(m.vqgan.channel_mult) - 1)
+        if f != int(m.dec_patch_size):
+            raise ValueError(f"config.model.dec_patch_size={m.dec_patch_size} must equal the VQGAN's downsampling "
+                             f"factor {f} (the decoder predicts one VQGAN code per patch)")
+        if not 1 <= int(m.tail_drop_max) <= int(m.num_latent_tokens):
+            raise ValueError(f"config.model.tail_drop_max={m.tail_drop_max}: in [1, num_latent_tokens="
+                             f"{m.num_latent_tokens}] (released checkpoints: N - 1, see the notes)")
+        if self.stage == 1:
+            if not m.vqgan_weights:
+                raise ValueError("config.model.vqgan_weights is empty: stage 1 needs the MaskGIT VQGAN teacher "
+                                 f"({maskgit_vqgan.CHECKPOINT_URL}, or a workdir of configs/maskgit_vqgan.py)")
+        for field in ("vqgan_weights", "init_from"):
+            if m[field] and not Path(m[field]).exists():
+                raise ValueError(f"config.model.{field}={m[field]!r} does not exist")
+        if self.stage == 2 and m.loss.perceptual_weight > 0:
+            self.convnext_params()  # a missing ConvNeXt file fails here, before compilation
+        if self.stage == 2 and int(size) % (2 ** int(m.loss.disc_stages)):
+            raise ValueError(f"config.data.image_size={size} must be divisible by 2^config.model.loss.disc_stages")
+
+    def create_model(self, rngs: nnx.Rngs) -> OneDPiece:
+        return OneDPiece(**self.kwargs, rngs=rngs)
+
+    @property
+    def model_def(self) -> ModelDef:
+        if self._model_def is None:
+            self._model_def = ModelDef(self)
+        return self._model_def
+
+    def encode(self, model: OneDPiece, images, length: int | None = None):
+        """images (B, H, W, C) in [-1, 1] -> codes (B, N) int32, or their first ``length`` (variable
+        length: the tokens are ordered, the first k describe the whole image)."""
+        _, info = model.encode((images + 1.0) / 2.0)
+        codes = info["indices"]
+        return codes if length is None else codes[:, :length]
+
+    def decode(self, model: OneDPiece, codes):
+        """codes (B, k), any k <= N -> images (B, H, W, C) in [-1, 1] (clamped, as upstream's scripts)."""
+        z_q = model.quantize.lookup(codes)
+        return jnp.clip(model.decode_pixels(z_q), 0.0, 1.0) * 2.0 - 1.0
+
+    def reconstruct(self, model: OneDPiece, images, length=None):
+        z_q, _ = model.encode((images + 1.0) / 2.0)
+        return jnp.clip(model.decode_pixels(z_q, length=length), 0.0, 1.0) * 2.0 - 1.0
+
+    def loss(self, model, batch, rng):
+        raise TypeError("one_d_piece trains with its own train_step (init_train_state/train_step)")
+
+    # -- frozen networks
+    def convnext_params(self):
+        if self._convnext is None:
+            from models.pretrained import convnext
+
+            self._convnext = convnext.load_params(self.config.model.loss.convnext_path)
+        return self._convnext
+
+    def pretrained(self) -> dict:
+        """The loaded pretrained parts as numpy (cached; read eagerly even when called inside a trace):
+        ``vqgan`` (teacher / pixel decoder init) and ``stage1`` (stage 2's initialisation)."""
+        if not hasattr(self, "_pretrained"):
+            m = self.config.model
+            out = {}
+            with jax.ensure_compile_time_eval():
+                if m.vqgan_weights:
+                    out["vqgan"] = jax.tree.map(np.asarray, maskgit_vqgan.load_vqgan_params(
+                        m.vqgan_weights, maskgit_vqgan.vqgan_kwargs(
+                            {**m.vqgan.to_dict(), "num_channels": self.kwargs["in_channels"]}),
+                        "config.model.vqgan_weights"))
+                if self.stage == 2 and m.init_from:
+                    out["stage1"] = _workdir_params(m.init_from, "one_d_piece")[0]
+            self._pretrained = out
+        return self._pretrained
+
+    def _initial_params(self, rng):
+        """Fresh params with the pretrained parts loaded (VQGAN teacher, stage-1 weights)."""
+        params, rest = self.model_def.init(rng)
+        loaded = self.pretrained()
+        if "vqgan" in loaded:
+            vq = loaded["vqgan"]
+            params["pixel_quantize"], params["pixel_decoder"] = vq["quantize"], vq["decoder"]
+            if "pixel_encoder" in params:
+                params["pixel_encoder"] = vq["encoder"]
+        if "stage1" in loaded:
+            keys = ("encoder", "decoder", "latent_tokens", "quantize") + (
+                () if "vqgan" in loaded else ("pixel_quantize", "pixel_decoder"))
+            for key in keys:
+                if key in loaded["stage1"]:
+                    params[key] = loaded["stage1"][key]
+        return jax.tree.map(jnp.asarray, params), rest
+
+    # -- the train state and step
+    def _optimizers(self):
+        from trainers.optim import make_schedule
+
+        o, lc = self.config.optim, self.config.model.loss
+        chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+        tx = optax.chain(*chain, optax.adamw(make_schedule(o, self.config.num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                                             weight_decay=o.weight_decay, mask=decay_mask))
+        d_o = ml_collections.ConfigDict(o.to_dict())
+        d_o.lr, d_o.min_lr = float(lc.disc_lr), min(float(o.min_lr), float(lc.disc_lr))
+        # Upstream's discriminator scheduler runs over the steps after discriminator_start.
+        d_schedule = make_schedule(d_o, max(1, self.config.num_steps - int(lc.discriminator_start)))
+        d_tx = optax.chain(*chain, optax.adamw(d_schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                                               weight_decay=o.weight_decay, mask=decay_mask))
+        return tx, d_tx, make_schedule(o, self.config.num_steps)
+
+    def _discriminator(self, rngs):
+        lc = self.config.model.loss
+        from tokenizers import losses
+
+        return losses.MaskGITDiscriminator(self.kwargs["in_channels"], int(lc.disc_hidden), int(lc.disc_stages),
+                                           rngs=rngs)
+
+    def init_train_state(self, rng):
+        """Keys: step, params, ema_params, opt_state, rest; stage 2 adds ``disc`` {params, opt_state},
+        ``lecam`` {real, fake} (EMAs of the mean logits) and ``convnext`` (frozen, {} when unused)."""
+        k_gen, k_disc = jax.random.split(rng)
+        params, rest = self._initial_params(k_gen)
+        params = jax.tree.map(jnp.asarray, params)
+        tx, d_tx, _ = self._optimizers()
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": jax.tree.map(jnp.copy, params),
+                 "opt_state": tx.init(params), "rest": rest}
+        if self.stage == 2:
+            disc = nnx.to_pure_dict(nnx.split(self._discriminator(nnx.Rngs(k_disc)), nnx.Param, ...)[1])
+            zero = jnp.zeros((), jnp.float32)
+            conv = self.convnext_params() if self.config.model.loss.perceptual_weight > 0 else {}
+            state.update(disc={"params": disc, "opt_state": d_tx.init(disc)}, lecam={"real": zero, "fake": zero},
+                         convnext=jax.tree.map(jnp.asarray, conv))
+        return state
+
+    def train_state_shardings(self, abstract_state, mesh):
+        from trainers import sharding as sh
+        from trainers.train import _suffix_sharding
+
+        repl = sh.replicated(mesh)
+        gen = self.model_def.param_shardings(mesh)
+
+        def opt(abstract_opt, param_sh):
+            by_path = {tuple(_path_names(p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
+            return jax.tree_util.tree_map_with_path(
+                lambda p, leaf: _suffix_sharding(p, by_path, repl) if np.ndim(leaf) else repl, abstract_opt)
+
+        out = {"step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
+               "rest": self.model_def.rest_shardings(mesh)}
+        if self.stage == 2:
+            disc = nnx.to_pure_dict(sh.state_shardings(nnx.split(nnx.eval_shape(
+                lambda: self._discriminator(nnx.Rngs(0))), nnx.Param, ...)[1], mesh))
+            out.update(disc={"params": disc, "opt_state": opt(abstract_state["disc"]["opt_state"], disc)},
+                       lecam={"real": repl, "fake": repl}, convnext=jax.tree.map(lambda _: repl,
+                                                                                   abstract_state["convnext"]))
+        return out
+
+    def _tail_keep(self, rng):
+        """Tail Token Drop: one k ~ U{1..tail_drop_max} for the whole batch (upstream torch.randint(1, N + 1))."""
+        m = self.config.model
+        n = int(m.num_latent_tokens)
+        if not m.tail_token_drop:
+            return None, jnp.asarray(n, jnp.int32)
+        k = vit.sample_prefix_length(rng, n, high=int(m.tail_drop_max))
+        return vit.prefix_mask(k, n), k
+
+    def train_step(self, state, batch, rng):
+        m, lc = self.config.model, self.config.model.loss
+        tx, d_tx, schedule = self._optimizers()
+        x = (batch["image"] + 1.0) / 2.0
+        step = state["step"]
+        keep, k = self._tail_keep(rng)
+        frozen = frozen_mask(state["params"], self.stage)
+        metrics = {"kept_tokens": k.astype(jnp.float32), "lr": schedule(step)}
+
+        if self.stage == 1:
+            def objective(params):
+                model = self.model_def.merge(params, state["rest"])
+                proxy = jax.lax.stop_gradient(model.proxy_codes(x)).reshape(x.shape[0], -1)
+                z_q, info = model.encode(x)
+                logits = model.decoder(z_q, keep)
+                logits = logits.reshape(x.shape[0], -1, logits.shape[-1]).astype(jnp.float32)
+                ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, proxy))
+                loss = ce + float(lc.quantizer_weight) * info["quantizer_loss"]
+                usage = quantizers.code_usage(info["indices"], model.quantize.codebook_size)
+                return loss, {"reconstruction_loss": ce, "quantizer_loss": info["quantizer_loss"],
+                              "commitment_loss": info["commitment_loss"], "codebook_loss": info["codebook_loss"],
+                              "code_usage": usage["usage"], "code_perplexity": usage["perplexity"],
+                              "proxy_accuracy": jnp.mean(jnp.argmax(logits, -1) == proxy)}
+            (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+            new = {}
+        else:
+            from models.pretrained import convnext
+
+            disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
+            gan_on = step >= int(lc.discriminator_start)
+            factor = jnp.where(gan_on, float(lc.discriminator_factor), 0.0)
+
+            def objective(params):
+                model = self.model_def.merge(params, state["rest"])
+                z_q, info = model.encode(x)  # frozen: no gradient reaches it (upstream no_grad)
+                z_q = jax.lax.stop_gradient(z_q)
+                recon = model.decode(z_q, keep=keep)
+                rec = jnp.mean(jnp.square(x - recon)) * float(lc.reconstruction_weight)
+                loss = rec
+                out = {"reconstruction_loss": rec}
+                if lc.perceptual_weight > 0:
+                    p = convnext.perceptual_logits_loss(convnext.merge(state["convnext"]), recon, x)
+                    loss = loss + float(lc.perceptual_weight) * p
+                    out["perceptual_loss"] = p
+                disc = _merge_disc(disc_abstract, state["disc"]["params"])
+                g = -jnp.mean(disc(recon))
+                loss = loss + float(lc.discriminator_weight) * factor * g
+                out.update(gan_loss=g, discriminator_factor=factor)
+                return loss, (out, recon)
+
+            (loss, (aux, recon)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+            recon = jax.lax.stop_gradient(recon)
+            lecam = state["lecam"]
+
+            def d_objective(dparams):
+                disc = _merge_disc(disc_abstract, dparams)
+                real, fake = disc(x), disc(recon)
+                from tokenizers import losses
+
+                d = losses.hinge_d_loss(real, fake)
+                reg = losses.lecam_regularization(jnp.mean(real), jnp.mean(fake), lecam["real"], lecam["fake"])
+                return float(lc.discriminator_factor) * d + float(lc.lecam_weight) * reg, (d, reg, real, fake)
+
+            (d_total, (d_loss, reg, real, fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(
+                state["disc"]["params"])
+            d_updates, d_opt = d_tx.update(d_grads, state["disc"]["opt_state"], state["disc"]["params"])
+            d_params = optax.apply_updates(state["disc"]["params"], d_updates)
+            decay = float(lc.lecam_decay)
+            new_lecam = {"real": decay * lecam["real"] + (1 - decay) * jnp.mean(real),
+                         "fake": decay * lecam["fake"] + (1 - decay) * jnp.mean(fake)}
+            # The discriminator trains only from discriminator_start (upstream skips its step before).
+            keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(gan_on, a, b), new, old)  # noqa: E731
+            new = {"disc": keep_old({"params": d_params, "opt_state": d_opt}, state["disc"]),
+                   "lecam": keep_old(new_lecam, lecam)}
+            aux.update(d_loss=d_loss, d_total=d_total, lecam_loss=reg, logits_real=jnp.mean(real),
+                       logits_fake=jnp.mean(fake))
+
+        grads = jax.tree.map(lambda g, f: jnp.where(f, 0.0, g), grads, frozen)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = jax.tree.map(lambda new_p, old_p, f: jnp.where(f, old_p, new_p), params, state["params"], frozen)
+        rate = ema_decay(step, float(self.config.ema_rate), bool(m.ema_warmup))
+        ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state["ema_params"], params)
+        metrics.update(aux, loss=loss, grad_norm=optax.global_norm(grads), ema_decay=rate)
+        return {**state, **new, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state}, metrics
+
+
+def _merge_disc(abstract, params):
+    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state, rest)
