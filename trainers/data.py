@@ -132,6 +132,11 @@ def validate(config, *, process_count: int | None = None) -> None:
                 f"config.data.num_classes={d.num_classes} but config.data.folder={d.folder!r} "
                 f"has {len(classes)} class subfolders"
             )
+        empty = [c for c in classes if not _has_a_file(os.path.join(d.folder, c))]
+        if empty:
+            raise ValueError(
+                f"config.data.folder={d.folder!r}: class folder(s) {empty} hold no files, so their labels "
+                "would never be trained; add images to them or remove them (every subfolder is a class)")
     else:
         source = _tfds_source(config)
         features = getattr(getattr(source, "dataset_info", None), "features", None)
@@ -229,6 +234,15 @@ def _folder_classes(folder: str) -> list[str]:
         raise ValueError(f"config.data.folder={folder!r} has no class subfolders "
                          "(expected FOLDER/<class_name>/<images>)")
     return classes
+
+
+def _has_a_file(directory: str) -> bool:
+    """Whether ``directory`` (recursively) holds at least one non-hidden file; stops at the first."""
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [n for n in dirs if not n.startswith(".")]
+        if any(not n.startswith(".") for n in names):
+            return True
+    return False
 
 
 def _folder_files(folder: str) -> list[tuple[str, int]]:
@@ -346,6 +360,16 @@ def _source(config) -> tuple[grain.sources.RandomAccessDataSource, dict[str, int
             f"({counts['unreadable']} unreadable, {counts['too_small']} with a side below "
             f"{min_image_side(config)} px for config.data.image_size={config.data.image_size})"
         )
+    if config.data.name == FOLDER:  # every declared class needs an image to learn from
+        names = metadata["class_names"]
+        usable = np.zeros(len(names), np.int64)
+        for i in keep:
+            usable[names.index(metadata["files"][i].split(os.sep, 1)[0])] += 1
+        if not usable.all():
+            raise ValueError(
+                f"config.data.folder={config.data.folder!r}: class folder(s) "
+                f"{[n for n, k in zip(names, usable) if not k]} have no usable image (every file is unreadable "
+                f"or has a side below {min_image_side(config)} px); add images or remove those folders")
     return _Records(os.path.join(directory, _RECORDS_FILE), keep), counts
 
 
@@ -388,8 +412,33 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     return arr[top:top + image_size, left:left + image_size]
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer ("I;16*", "I") and float ("F") images -> 8-bit "L", scaled, not clipped.
+
+    Integers are scaled from their bit depth (the TIFF BitsPerSample tag where there is one, else 16:
+    PIL reads 16-bit PNGs as "I;16" or "I") to [0, 255]. Floats: implementation choice, [0, 1] when
+    the image's maximum is <= 1 (the usual float-TIFF range), else [0, 255] (PIL's own convention).
+    Other modes are returned unchanged (PIL converts 16-bit RGB to 8 bits correctly itself).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        bits = 16
+        tag = getattr(image, "tag_v2", None)
+        if image.mode == "I" and tag is not None and 258 in tag:
+            value = tag[258]
+            bits = int(value[0] if isinstance(value, tuple) else value)
+        top = float(2 ** bits - 1)
+        arr = np.clip(np.asarray(image, np.float64), 0, top) * (255.0 / top)
+        return Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        arr = np.nan_to_num(np.asarray(image, np.float64))
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), mode="L")
+    return image
+
+
 def to_channels(image: Image.Image, channels: int) -> Image.Image:
-    """Grayscale, palette, CMYK, alpha ... -> "L" (channels=1) or "RGB" (channels=3)."""
+    """Grayscale (8-, 16-bit, float), palette, CMYK, alpha ... -> "L" (channels=1) or "RGB" (channels=3)."""
+    image = to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels become white, as on a page, instead of whatever colour they hide.
         rgba = image.convert("RGBA")
