@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -67,12 +68,11 @@ def load_fixture(npz_path: str | Path):
         raise FileNotFoundError(f"fixture metadata not found: {json_path} (must sit beside {npz_path.name})")
     meta = json.loads(json_path.read_text())
     groups: dict[str, dict[str, np.ndarray]] = {"param": {}, "buffer": {}, "in": {}, "out": {}}
-    with np.load(npz_path, allow_pickle=False) as data:
-        for key in data.files:
-            group, _, name = key.partition("/")
-            if group not in groups:
-                raise ValueError(f"{npz_path}: array {key!r} is not under param/, buffer/, in/ or out/")
-            groups[group][name] = data[key]
+    for key, value in _load_npz(npz_path).items():
+        group, _, name = key.partition("/")
+        if group not in groups:
+            raise ValueError(f"{npz_path}: array {key!r} is not under param/, buffer/, in/ or out/")
+        groups[group][name] = value
     return meta, groups["param"], groups["buffer"], groups["in"], groups["out"]
 
 
@@ -129,15 +129,91 @@ def import_checkpoint(kind: str, src: str, out: str, config) -> Path:
         raise SystemExit(f"kind {kind!r} has no checkpoint importer (known: {sorted(importers)})")
     # A module may read its own formats (e.g. safetensors, legacy torch pickles).
     loader = getattr(module, "load_state_dict", torchfile.load_state_dict)
-    state_dict = loader(src)
-    params = importers[kind](state_dict, config)
+    try:
+        state_dict = loader(src)
+    except (ValueError, EOFError, pickle.UnpicklingError) as e:
+        from trainers.config_validation import RunError, one_line
+
+        msg = one_line(e)
+        raise RunError(msg if str(src) in msg else f"{src}: {msg}") from e
+    try:
+        params = importers[kind](state_dict, config)
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+        from trainers.config_validation import RunError, one_line
+
+        keys = sorted(state_dict)[:4] if isinstance(state_dict, dict) else []
+        raise RunError(f"{src} does not fit kind {kind!r} with this --config ({type(e).__name__}: {one_line(e)}); "
+                       f"is it another model's checkpoint? Its {len(state_dict)} tensors start with {keys}") from e
     rest = None
     if isinstance(params, tuple):  # (params, non-trainable state), e.g. LiT's frozen DiT teacher
         params, rest = params
     return checkpoint.write_imported(out, config, train.state_from_params(config, params, rest), source=str(src))
 
 
+def prepare_workdir(out: str, *, replace: bool) -> None:
+    """An import writes only into an empty (or new) workdir; ``replace`` first moves what is there into
+    ``OUT/replaced-<time>/`` (kept, never deleted)."""
+    import time
+
+    from trainers.config_validation import RunError
+
+    out_path = Path(out)
+    if not out_path.exists():
+        return
+    if not out_path.is_dir():
+        raise RunError(f"--out={out} is a file, not a workdir directory")
+    entries = [p for p in out_path.iterdir() if p.name != "LOCK"]
+    if not entries:
+        return
+    if not replace:
+        raise RunError(f"--out={out} is not empty ({', '.join(sorted(p.name for p in entries)[:5])}); "
+                       "importing would overwrite its config and checkpoints. Choose a new --out, or pass "
+                       "--replace to move its contents aside into replaced-<time>/ first")
+    aside = out_path / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in entries:
+        if not p.name.startswith("replaced-"):
+            p.rename(aside / p.name)
+    print(f"moved the previous contents of {out} to {aside}", flush=True)
+
+
+def _load_npz(npz_path: Path) -> dict:
+    import zipfile
+
+    try:
+        with np.load(npz_path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        from trainers.config_validation import RunError
+
+        raise RunError(f"{npz_path} is not a complete .npz ({type(e).__name__}: {e}); it is truncated or "
+                         "damaged: copy it again") from None
+
+
 def main(argv: list[str]) -> int:
+    """The CLI: user errors (missing or damaged files, a checkpoint of another model, a non-empty --out)
+    are one line and exit 2; --verbose shows their traceback."""
+    from trainers.config_validation import USER_ERRORS, explain_flag_error, one_line
+
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        return _main(argv)
+    except USER_ERRORS as e:
+        if verbose:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 - flag parsing (ml_collections raises many types)
+        from absl import flags
+
+        if verbose or not isinstance(e, (flags.Error, AttributeError)):
+            raise
+        print(f"error: {explain_flag_error(e, argv)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "check":
         results = [check(p) for p in argv[1:]]
         return 0 if all(results) else 1
@@ -147,6 +223,7 @@ def main(argv: list[str]) -> int:
 
         kind, src = argv[1], argv[2]
         flags.DEFINE_string("out", None, "workdir to write the converted checkpoint into", required=True)
+        flags.DEFINE_bool("replace", False, "move a non-empty --out's contents aside instead of refusing")
         config_flags.DEFINE_config_file("config", None, "config of the model the checkpoint is for")
         flags.FLAGS([sys.argv[0]] + argv[3:])
         config = flags.FLAGS.config
@@ -155,7 +232,11 @@ def main(argv: list[str]) -> int:
         from trainers import config_validation
 
         config_validation.validate(config, check_data=False)  # the data need not exist to convert
-        path = import_checkpoint(kind, src, flags.FLAGS.out, config)
+        from trainers import workdir_lock
+
+        with workdir_lock.WorkdirLock(flags.FLAGS.out):  # no trainer may be writing there meanwhile
+            prepare_workdir(flags.FLAGS.out, replace=flags.FLAGS.replace)
+            path = import_checkpoint(kind, src, flags.FLAGS.out, config)
         print(f"wrote {path}")
         return 0
     print(__doc__)

@@ -142,8 +142,11 @@ def load_params(config, workdir: str, mesh):
 
 def write_samples(out: str | Path, images: np.ndarray, labels: np.ndarray, latents: np.ndarray | None = None,
                   *, grid_size: int = 100) -> tuple[Path, Path]:
-    """The ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels[, latents]) and its PNG grid; their paths."""
+    """The ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels[, latents]) and its PNG grid; their paths.
+    ``.npz`` is appended to ``out`` when missing (as np.savez does), and the path returned is the real one."""
     out = Path(out)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images, "arr_1": labels}
     if latents is not None:
@@ -161,6 +164,8 @@ def main(argv):
     from trainers import checkpoint, config_validation
 
     FLAGS = flags.FLAGS
+    if FLAGS.num_samples < 1:
+        raise config_validation.ConfigError(f"--num_samples={FLAGS.num_samples}: give at least 1 sample")
     config = FLAGS.config if FLAGS.config is not None else checkpoint.read_config(FLAGS.workdir)
     for override in FLAGS.set or []:
         key, _, value = override.partition("=")
@@ -186,7 +191,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     flags.DEFINE_string("workdir", None, "workdir of a training run or an imported checkpoint", required=True)
@@ -196,4 +201,6 @@ if __name__ == "__main__":
     flags.DEFINE_bool("latents", False, "also store the generator's raw output (latents/codes) as 'latents'")
     flags.DEFINE_multi_string("set", None, "override a field of the workdir's config: --set sample.cfg_scale=4")
     config_flags.DEFINE_config_file("config", None, "config file (default: the workdir's config.json)")
-    sys.exit(app.run(main))
+    from trainers import config_validation
+
+    config_validation.run_cli(main)

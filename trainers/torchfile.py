@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -135,11 +136,15 @@ def load(path: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a torch zip checkpoint (legacy pre-1.6 pickles are not supported)")
-    with zipfile.ZipFile(path) as archive:
-        root = _archive_root(archive, path)
-        with archive.open(f"{root}/data.pkl") as f:
-            return _Unpickler(f, archive, root).load()
+        raise ValueError(f"{path} is not a torch zip checkpoint: it is truncated (download it again) or not "
+                         "written by torch.save >= 1.6 (legacy pickles are not supported)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            root = _archive_root(archive, path)
+            with archive.open(f"{root}/data.pkl") as f:
+                return _Unpickler(f, archive, root).load()
+    except (zipfile.BadZipFile, EOFError, zlib.error, KeyError) as e:
+        raise ValueError(f"{path} is a damaged torch checkpoint ({type(e).__name__}: {e}); download it again") from None
 
 
 def load_state_dict(path: str | Path, *, keys_under: tuple[str, ...] = ("model_ema", "ema", "model", "state_dict", "module")):
