@@ -377,6 +377,31 @@ def restore_latest(manager: Checkpoints, abstract_state, data_iter=None, *, conf
     return found
 
 
+def check_params_fit(workdir: str | Path, config) -> None:
+    """For readers (trainers.sample): the newest checkpoint with readable metadata holds params of the
+    shapes ``config``'s model builds; else ConfigMismatchError naming the differing config fields.
+    Reads metadata only; nothing is moved."""
+    from flax import nnx
+
+    from trainers.method import ModelDef, get_method
+
+    wanted = _shapes(nnx.to_pure_dict(ModelDef(get_method(config)).abstract_params))
+    root = checkpoint_dir(workdir)
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True) if root.is_dir() else []
+    for step in steps:
+        try:
+            shapes = _shapes(_state_metadata(root / str(step)))
+        except _Damage:
+            continue
+        for key in ("ema_params", "params"):
+            saved = {p[1:]: v for p, v in shapes.items() if p[0] == key}
+            if saved and saved != wanted:
+                raise ConfigMismatchError(_mismatch_message(root / str(step), Path(workdir), config,
+                                                            {(key, *p): v for p, v in saved.items()},
+                                                            {(key, *p): v for p, v in wanted.items()}))
+        return
+
+
 def _set_aside(manager: Checkpoints, steps) -> None:
     """Move damaged step directories to checkpoints_unreadable/ (kept for inspection, never deleted),
     so that the resumed run can save those steps again."""

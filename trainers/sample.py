@@ -175,6 +175,7 @@ def main(argv):
         decode.validate(config)  # the tokenizer is needed to write images: fail before compiling
     except ValueError as e:
         raise config_validation.ConfigError(str(e)) from None
+    checkpoint.check_params_fit(FLAGS.workdir, config)  # another model's shapes: name the fields, read nothing
     mesh = sharding.make_mesh(config.mesh)
     method, model_def, step, params, rest = load_params(config, FLAGS.workdir, mesh)
     decoder = decode.build_decoder(config, mesh)
