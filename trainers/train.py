@@ -229,8 +229,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     Path(workdir).mkdir(parents=True, exist_ok=True)
     lock = workdir_lock.WorkdirLock(workdir).acquire()
     try:
-        checkpoint.check_writable(workdir)
         config_validation.check_run_files(config)
+        checkpoint.check_writable(workdir)
         return _train(config, workdir, devices)
     finally:
         lock.release()
