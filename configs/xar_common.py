@@ -1,9 +1,23 @@
 """xAR sizes and the settings shared by configs/xar_{b,l,h}.py (upstream OliverRensu/xAR).
 
-Variants (comma-separated): "demo" (pixel-space MNIST on a laptop CPU) and the prediction entity X:
-"cell" (default, upstream's 4 cells of 8x8), "token", "subsample", "scale", "image";
-e.g. ``--config=configs/xar_b.py:demo,scale``.
+Variants (comma-separated): "demo" (pixel-space MNIST on a laptop CPU), "latent" (with demo: the
+same digits in the latent space of the zoo's own demo KL-VAE, configs/kl_vae_f16.py:demo, read from
+its latent cache and decoded by it) and the prediction entity X: "cell" (default, upstream's 4
+cells of 8x8), "token", "subsample", "scale", "image"; e.g. ``--config=configs/xar_b.py:demo,scale``.
+
+The embedded latent pipeline (tokenizer -> latent cache -> xAR -> images -> score)::
+
+    python -m trainers.main --config=configs/kl_vae_f16.py:demo --workdir=workdirs/kl_vae_demo
+    python -m trainers.cache_latents --tokenizer_workdir=workdirs/kl_vae_demo --out=data_cache/mnist_kl_vae_demo
+    python -m trainers.main --config=configs/xar_b.py:demo,latent --workdir=workdirs/xar_latent_demo
 """
+
+# The demo KL-VAE's workdir and latent cache (the paths of the pipeline above).
+DEMO_TOKENIZER_WORKDIR = "workdirs/kl_vae_demo"
+DEMO_LATENTS = "data_cache/mnist_kl_vae_demo"
+# 1 / std of the demo KL-VAE's posterior samples on the digits (LDM's scale_by_std, measured once with
+# the latent cache's metadata "latent_std"), so the flow starts from unit-variance latents.
+DEMO_LATENT_SCALE = 1.0
 
 from __future__ import annotations
 
@@ -23,12 +37,16 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     variants = [a for a in (arg or "").split(",") if a]
     demo = "demo" in variants
+    latent = "latent" in variants
+    if latent and not demo:
+        raise ValueError("xAR config variant 'latent' goes with 'demo' (the embedded digits' latent pipeline); "
+                         "ImageNet configs are latent already")
     entity = "cell"
     for v in variants:
         if v in ENTITIES:
             entity = v
-        elif v != "demo":
-            raise ValueError(f"unknown xAR config variant {v!r}; use demo and/or one of {ENTITIES}")
+        elif v not in ("demo", "latent"):
+            raise ValueError(f"unknown xAR config variant {v!r}; use demo, latent and/or one of {ENTITIES}")
     width, depth, heads = SIZES[size]
     c = common.base()
     c.model = ml_collections.ConfigDict(dict(
@@ -81,4 +99,10 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.optim.constant_steps = 0
         c.optim.min_lr = 1e-5
         c.checkpoint_every = 500
+        if latent:
+            # The demo KL-VAE (f4, 4 channels) maps 32x32x1 digits to 8x8x4 latents: patch 1 -> an 8x8 grid
+            # of 4-channel tokens, the same 4 cells of 4x4 tokens as the pixel demo.
+            c.model.update(input_size=8, patch_size=1, in_channels=4)
+            c.data.latents = DEMO_LATENTS
+            common.paired_tokenizer(c, "workdir", DEMO_LATENT_SCALE, workdir=DEMO_TOKENIZER_WORKDIR)
     return c

@@ -239,3 +239,62 @@ def test_trainers_has_no_import_cycles():
 
     cycles = [c for c in (cycle_from(m) for m in sorted(edges)) if c]
     assert not cycles, f"import cycles in trainers/: {cycles}"
+
+
+@pytest.mark.slow
+def test_embedded_latent_pipeline_trains_samples_and_scores(tmp_path):
+    """The README's latent pipeline at a few steps: the demo KL-VAE on the embedded digits -> its latent cache
+    (from the zoo workdir) -> xAR on the latents (grid + score decoded through the VAE) -> trainers.sample ->
+    eval.main."""
+    vae, cache, xar = tmp_path / "kl_vae_demo", tmp_path / "latents", tmp_path / "xar_latent"
+    run_python(["-m", "trainers.main", "--config=configs/kl_vae_f16.py:demo", f"--workdir={vae}",
+                "--config.num_steps=6", "--config.model.loss.disc_start=4", "--config.checkpoint_every=6",
+                "--config.log_every=3", "--config.sample_every=0"], timeout=1200)
+    log = run_python(["-m", "trainers.cache_latents", f"--tokenizer_workdir={vae}", f"--out={cache}",
+                      "--batch_size=250"], timeout=1200).stdout
+    assert "latents [8, 8, 4]" in log and "latent std" in log
+    meta = json.loads((cache / "metadata.json").read_text())
+    assert meta["count"] == 5000 and meta["latent_type"] == "moments"
+    run_python(["-m", "trainers.main", "--config=configs/xar_b.py:demo,latent", f"--workdir={xar}",
+                f"--config.data.latents={cache}", f"--config.tokenizer.workdir={vae}",
+                "--config.num_steps=4", "--config.optim.warmup_steps=1", "--config.log_every=2",
+                "--config.checkpoint_every=4", "--config.eval.num_samples=40", "--config.sample.num_steps=2",
+                "--config.num_grid_samples=10"], timeout=1200)
+    scores = json.loads((xar / "scores.jsonl").read_text().splitlines()[-1])
+    assert scores["step"] == 4 and np.isfinite(scores["mnist_fid"]) and np.isfinite(scores["mnist_is"])
+    assert (xar / "samples" / "step_00000004.png").exists()
+    out = tmp_path / "samples.npz"
+    run_python(["-m", "trainers.sample", f"--workdir={xar}", "--num_samples=20", f"--out={out}",
+                "--set=sample.num_steps=2"], timeout=1200)
+    with np.load(out) as f:
+        assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
+    ref = tmp_path / "ref.npz"
+    run_python(["-m", "eval.make_ref", "--config=configs/xar_b.py:demo", "--num=200", f"--out={ref}", "--domain"],
+               timeout=1200)
+    proc = run_python(["-m", "eval.main", f"--samples={out}", f"--ref={ref}"], timeout=1200)
+    assert "mnist_fid:" in proc.stdout and "mnist_is:" in proc.stdout
+
+
+def test_multi_process_preemption_flag_is_agreed_every_n_steps(monkeypatch):
+    """With several processes the SIGTERM flag costs a collective, so it is gathered only every
+    config.preemption_check_every steps; every process then stops at the same step."""
+    from jax.experimental import multihost_utils
+
+    from trainers.train import PreemptionWatcher
+
+    gathered = []
+
+    def allgather(x, tiled=False):
+        gathered.append(int(np.asarray(x)))
+        return np.stack([np.asarray(x), np.asarray(False)])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    watcher = PreemptionWatcher(check_every=5)
+    try:
+        assert [watcher.should_stop(s) for s in range(1, 11)] == [False] * 10 and len(gathered) == 2
+        watcher.requested = True
+        assert [watcher.should_stop(s) for s in range(11, 16)] == [False] * 4 + [True]
+        assert gathered == [0, 0, 1]
+    finally:
+        watcher.restore()

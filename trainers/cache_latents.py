@@ -126,6 +126,7 @@ def write_cache(config, params, out: str, *, npz: str = "", batch_size: int = 64
     writer = ArrayRecordWriter(os.path.join(out, name), "group_size:1")
     dtype = np.int32 if latent_type == "codes" else np.float32
     written, shape, image_size = 0, None, None
+    sums = np.zeros(3)  # over view 0: sum z, sum z^2, count (z = a posterior sample's entries, in expectation)
     bar = tqdm(total=count, desc=f"encoding -> {out}", disable=not progress or pi != 0, unit="img")
     try:
         for images, labels in batches:
@@ -138,6 +139,7 @@ def write_cache(config, params, out: str, *, npz: str = "", batch_size: int = 64
             encoded = encode(params, rest, jax.make_array_from_process_local_data(batch_sh, images))
             local = _local_rows(encoded)[:b]
             shape = local.shape[1:]
+            sums += _moments_of(local[:, 0], latent_type)
             for m, y in zip(local.astype(dtype), labels):
                 writer.write(latents_lib.LABEL.pack(int(y)) + m.tobytes())
             written += b
@@ -156,6 +158,9 @@ def write_cache(config, params, out: str, *, npz: str = "", batch_size: int = 64
         "latent_shape": view[:-1] + [view[-1] // 2] if latent_type == "moments" else view,
         "count": written if pc == 1 else None,  # per-process counts live in the files themselves
         "scale_factor": float(config.model.get("scale_factor", 1.0)),
+        # std of the unscaled latents (posterior samples for moments), this process's images: 1 / latent_std
+        # is LDM's scale_by_std choice of config.tokenizer.scale
+        "latent_std": float(np.sqrt(max(sums[1] / sums[2] - (sums[0] / sums[2]) ** 2, 0.0))) if sums[2] else None,
         "image_size": image_size,
         "tokenizer": config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model),
     }
@@ -163,6 +168,18 @@ def write_cache(config, params, out: str, *, npz: str = "", batch_size: int = 64
         with open(os.path.join(out, latents_lib.METADATA), "w") as f:
             json.dump(meta, f, indent=1, default=list)
     return meta
+
+
+def _moments_of(views: np.ndarray, latent_type: str) -> np.ndarray:
+    """(sum, sum of squares, count) of the latents in ``views`` (B, ...); for Gaussian moments the expected
+    sums over posterior samples (E[z^2] = mean^2 + var)."""
+    if latent_type == "codes":
+        return np.zeros(3)
+    v = np.asarray(views, np.float64)
+    if latent_type == "moments":
+        mean, logvar = np.split(v, 2, axis=-1)
+        return np.array([mean.sum(), (mean ** 2 + np.exp(np.clip(logvar, -30.0, 20.0))).sum(), mean.size])
+    return np.array([v.sum(), (v ** 2).sum(), v.size])
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:
@@ -229,6 +246,9 @@ def main(argv):
         config_validation.set_override(config, key, value)
     meta = write_cache(config, params, F.out, npz=F.npz, batch_size=F.batch_size, mesh=mesh, rest=rest)
     print(f"wrote {F.out}: {meta['latent_type']} -> latents {meta['latent_shape']}", flush=True)
+    if meta["latent_std"]:
+        print(f"latent std {meta['latent_std']:.4g}: a generator's config.tokenizer.scale = "
+              f"{1.0 / meta['latent_std']:.4g} gives unit variance (LDM scale_by_std)", flush=True)
     return 0
 
 
