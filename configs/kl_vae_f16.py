@@ -8,6 +8,10 @@ ch_mult=(1,1,2,2,4))); the objective and its weights from LDM's
 ``configs/autoencoder/autoencoder_kl_*.yaml`` (LPIPSWithDiscriminator:
 kl_weight 1e-6, disc_start 50001, disc_weight 0.5; Adam betas (0.5, 0.9),
 lr = 4.5e-6 x global batch). Variants: "" (ImageNet 256) and "demo".
+
+A generator uses a KL-VAE through ``config.tokenizer`` (trainers/decode.py): the published MAR
+``kl16.ckpt`` (kind "kl16", this file's network) or a workdir of this config (kind "workdir"),
+whose latents ``python -m trainers.cache_latents --tokenizer_workdir=DIR`` caches.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 
 Same network family and training objective as configs/kl_vae_f16.py; sizes
 from LDM ``models/first_stage_models/kl-f8/config.yaml`` (ch 128, ch_mult
-(1, 2, 4, 4), no attention outside the mid blocks), latents scaled by 0.18215.
+(1, 2, 4, 4), no attention outside the mid blocks), latents scaled by 0.18215. DiT-family
+configs decode with it without an import: ``config.tokenizer.kind = "sd_vae"`` and
+``config.tokenizer.weights`` = the published file (trainers/decode.py reads it directly).
 """
 
 from __future__ import annotations

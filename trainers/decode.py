@@ -107,7 +107,9 @@ def validate(config) -> None:
         raise ValueError(f"config.tokenizer.scale={t.scale} must be positive")
     if t.kind in PUBLISHED:
         if not t.weights:
-            raise ValueError(f"config.tokenizer.weights is empty: set it to the local copy of {PUBLISHED[t.kind]}")
+            raise ValueError(f"config.tokenizer.weights is empty: set it to the local copy of {PUBLISHED[t.kind]} "
+                             "(--config.tokenizer.weights=FILE; trainers.sample on a workdir: "
+                             "--set tokenizer.weights=FILE)")
         if not os.path.isfile(t.weights):
             raise ValueError(f"config.tokenizer.weights={t.weights!r}: file not found; it is "
                              f"{PUBLISHED[t.kind]}")
@@ -120,6 +122,9 @@ def validate(config) -> None:
     if method.kind != "tokenizer" or not hasattr(method, "decode"):
         raise ValueError(f"config.tokenizer.workdir={t.workdir!r} holds a {tok.model.name!r} run "
                          f"(kind {method.kind!r}), not a tokenizer with encode/decode")
+    if getattr(method, "latent_type", "latents") == "codes" and float(t.scale) != 1.0:
+        raise ValueError(f"config.tokenizer.scale={t.scale}: the tokenizer in {t.workdir!r} makes discrete codes, "
+                         "which are never scaled; use 1.0")
     if not checkpoint.checkpoint_dir(t.workdir).is_dir() or not any(
             p.name.isdigit() for p in checkpoint.checkpoint_dir(t.workdir).iterdir()):
         raise ValueError(f"config.tokenizer.workdir={t.workdir!r} has no checkpoint under "
