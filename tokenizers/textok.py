@@ -86,7 +86,8 @@ class TexTokViT(nnx.Module):
         mask = None
         if text is not None:
             x = jnp.concatenate([x, text.astype(x.dtype)], axis=1)
-            keep = jnp.concatenate([jnp.ones((b, n0), bool), text_mask.astype(bool)], axis=1)
+            text_mask = jnp.broadcast_to(text_mask.astype(bool), text.shape[:2])
+            keep = jnp.concatenate([jnp.ones((b, n0), bool), text_mask], axis=1)
             mask = vit.key_mask(keep)  # no query attends to padded text
         x = x + self.pos_embed[...][: x.shape[1]].astype(x.dtype)
         x = constrain(self.ln_pre(x).astype(x.dtype), ("act_batch", "act_len", "act_embed"))
@@ -687,3 +688,123 @@ def token_stats(path: str | Path) -> dict:
                       if source.latent_type == "moments" else source[i][source.latent_type][0] for i in range(n)])
     return {"mean": float(means.mean()), "std": float(means.std()), "count": n}
 
+
+
+# ----------------------------------------------------------------------------
+# Scoring and the command line: reconstructions under their captions, samples under pool captions
+# ----------------------------------------------------------------------------
+
+
+def _restore(workdir, mesh):
+    """(config, method, model_def, params, rest) of a run's newest checkpoint (EMA params)."""
+    from trainers import checkpoint, decode
+    from trainers.method import get_method
+
+    config = checkpoint.read_config(workdir)
+    method = get_method(config)
+    model_def = ModelDef(method)
+    _, params, rest = decode.restore_params(workdir, model_def, mesh, use_ema=bool(config.sample.use_ema))
+    return config, method, model_def, params, rest
+
+
+def evaluate_tokenizer(workdir: str, num: int = 500, *, seed: int = 17, mesh=None, domain: bool | None = None) -> dict:
+    """Reconstruction error (MSE in [-1, 1], PSNR) and FID of ``num`` reconstructions against the originals
+    (MNIST-feature FID on the embedded digits; Inception FID where ``config.eval.inception_weights``)."""
+    from eval import harness
+    from trainers import data, sharding
+    from trainers.sample import images_to_uint8
+
+    mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    config, method, model_def, params, rest = _restore(workdir, mesh)
+    with config.unlocked():
+        config.data.random_flip = False
+    it = data.create_iterator(config, seed=seed, global_batch_size=config.batch_size)
+    recon_fn = jax.jit(lambda p, r, b: method.reconstruct_batch(model_def.merge(p, r), b))
+    originals, recons = [], []
+    while sum(len(o) for o in originals) < num:
+        batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+        recons.append(np.asarray(recon_fn(params, rest, batch)))
+        originals.append(np.asarray(batch["image"]))
+    x, y = np.concatenate(originals)[:num], np.clip(np.concatenate(recons)[:num], -1, 1)
+    mse = float(np.mean(np.square(x - y)))
+    scores = harness.evaluate(images_to_uint8(y), dataset_images=images_to_uint8(x),
+                              inception_weights=config.eval.inception_weights or None,
+                              domain=config.data.name == data.EMBEDDED if domain is None else domain)
+    return {"mse": mse, "psnr": float(10 * np.log10(4.0 / mse)), **scores}
+
+
+def sample_generator(workdir: str, num: int = 500, *, seed: int = 1, mesh=None, reference_seed: int = 17,
+                     domain: bool | None = None):
+    """``num`` class-conditional samples of a TexTok-DiT run, decoded by its tokenizer with captions drawn
+    from each class's pool (seeded): (uint8 images, labels, scores against ``num`` training images)."""
+    from eval import harness
+    from trainers import data, decode, sharding
+    from trainers.sample import grid_labels, images_to_uint8
+    from trainers.train import dataset_images
+
+    mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    config, method, model_def, params, rest = _restore(workdir, mesh)
+    tok_method, tok_def, tok_params, tok_rest = decode.load_tokenizer(config, mesh)
+    scale = float(config.tokenizer.scale)
+
+    @jax.jit
+    def sample(params, rest, tok_params, tok_rest, rng, labels):
+        rng_sample, rng_caption = jax.random.split(rng)
+        tokens = method.sample(model_def.merge(params, rest), rng_sample, labels)
+        return tok_method.decode(tok_def.merge(tok_params, tok_rest), tokens / scale, labels=labels, rng=rng_caption)
+
+    labels = grid_labels(num, config.data.num_classes)
+    batch = int(config.sample_batch_size)
+    out = []
+    for i in range(0, num, batch):
+        chunk = labels[i:i + batch]
+        padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
+        x = sample(params, rest, tok_params, tok_rest, jax.random.fold_in(jax.random.PRNGKey(seed), i), padded)
+        out.append(images_to_uint8(np.asarray(x))[: len(chunk)])
+    images = np.concatenate(out)
+    reference = dataset_images(config, num, seed=reference_seed)
+    scores = harness.evaluate(images, dataset_images=reference, inception_weights=config.eval.inception_weights or None,
+                              domain=config.data.name == data.EMBEDDED if domain is None else domain)
+    return images, labels, scores
+
+
+def main(argv):
+    """python -m tokenizers.textok evaluate --workdir=TOKENIZER_RUN [--num=500]
+    python -m tokenizers.textok cache --workdir=TOKENIZER_RUN --out=DIR       (tokens for the generator)
+    python -m tokenizers.textok sample --workdir=DIT_RUN --out=FILE.npz [--num=500]"""
+    import sys
+
+    from absl import flags
+
+    if len(argv) < 2 or argv[1] not in ("evaluate", "cache", "sample"):
+        print(main.__doc__)
+        return 2
+    flags.DEFINE_string("workdir", None, "a textok (evaluate, cache) or textok_dit (sample) run", required=True)
+    flags.DEFINE_string("out", "", "cache: the token cache folder; sample: the .npz (arr_0 images, arr_1 labels)")
+    flags.DEFINE_integer("num", 500, "images to score")
+    flags.FLAGS([argv[0]] + argv[2:])
+    f = flags.FLAGS
+    if argv[1] == "evaluate":
+        scores = evaluate_tokenizer(f.workdir, f.num)
+    elif argv[1] == "cache":
+        from trainers import sharding
+
+        if not f.out:
+            raise SystemExit("cache needs --out=DIR")
+        config, _, _, params, rest = _restore(f.workdir, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
+        scores = write_token_cache(config, params, rest, f.out)
+        scores = {"count": scores["count"], **token_stats(f.out)}
+    else:
+        images, labels, scores = sample_generator(f.workdir, f.num)
+        if f.out:
+            Path(f.out).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(f.out, arr_0=images, arr_1=labels)
+    print(json.dumps(scores), flush=True)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv))
