@@ -83,12 +83,15 @@ def state_shardings(abstract_state, model_def: ModelDef, mesh):
             "rest": rest_sh, "nonfinite_step": repl}
 
 
-def state_from_params(config, params):
-    """A step-0 train state around given (e.g. converted) params; used by checkpoint import."""
+def state_from_params(config, params, rest=None):
+    """A step-0 train state around given (e.g. converted) params, and optionally the non-trainable
+    ``rest`` (e.g. a frozen teacher); used by checkpoint import."""
     method = get_method(config)
     plan = TrainPlan(method, ModelDef(method), config)
     state = plan.init(jax.random.PRNGKey(config.seed))
     params = jax.tree.map(lambda ref, p: jnp.asarray(p, ref.dtype), state["params"], params)
+    if rest is not None:
+        state = {**state, "rest": jax.tree.map(lambda ref, r: jnp.asarray(r, ref.dtype), state["rest"], rest)}
     return {**state, "params": params, "ema_params": jax.tree.map(jnp.copy, params),
             "opt_state": plan.tx.init(params)}
 
@@ -468,8 +471,8 @@ def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, r
     reference = dataset_images(config, n, seed=config.seed + 17)
     if sampler is not None:
         params = state["ema_params"] if config.sample.use_ema else state["params"]
-        images, _, _ = generate(config, sampler, params, state["rest"], mesh, n, seed=config.seed + 1,
-                                decoder=decoder)
+        images, labels, _ = generate(config, sampler, params, state["rest"], mesh, n, seed=config.seed + 1,
+                                     decoder=decoder)
     else:
         params = state["ema_params"] if config.sample.use_ema else state["params"]
         chunks = []
@@ -482,7 +485,8 @@ def evaluate(config, workdir, method, model_def, mesh, state, writer, sampler, r
         images = np.concatenate(chunks)
     scores = harness.evaluate(images, ref=config.eval.ref or None,
                               inception_weights=config.eval.inception_weights or None,
-                              dataset_images=reference, domain=config.data.name == "mnist_embedded")
+                              dataset_images=reference, domain=config.data.name == "mnist_embedded",
+                              labels=labels if sampler is not None else None)
     step = int(jax.device_get(state["step"]))
     writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
     if jax.process_index() == 0:
