@@ -242,9 +242,30 @@ def _norm_path(path) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _dtype_name(dtype) -> str | None:
+    """A plain dtype's name; None for what orbax may store in another form (typed PRNG keys)."""
+    try:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+            return None
+        return np.dtype(dtype).name
+    except TypeError:
+        return None
+
+
 def _shapes(tree) -> dict[tuple[str, ...], tuple]:
-    return {_norm_path(p): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-            for p, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+    """{path: (shape, dtype name)} of the array leaves; leaves of extended dtypes map to None (not compared)."""
+    out = {}
+    for p, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if hasattr(leaf, "shape"):
+            name = _dtype_name(leaf.dtype)
+            out[_norm_path(p)] = None if name is None else (tuple(leaf.shape), name)
+    return out
+
+
+def _fits(saved: dict, wanted: dict) -> bool:
+    """Same paths, and the same shape and dtype wherever both sides are plain arrays."""
+    return set(saved) == set(wanted) and all(
+        saved[p] == wanted[p] for p in wanted if saved[p] is not None and wanted[p] is not None)
 
 
 def _state_metadata(step_dir: Path):
@@ -291,7 +312,7 @@ def _mismatch_message(step_dir: Path, workdir: Path, config, saved_shapes, wante
     arrays = []
     for p in sorted(set(saved_shapes) | set(wanted_shapes)):
         a, b = saved_shapes.get(p), wanted_shapes.get(p)
-        if a != b:
+        if (p in saved_shapes) != (p in wanted_shapes) or (a is not None and b is not None and a != b):
             arrays.append(f"{'/'.join(p)}: {a[0] if a else 'absent'} saved, {b[0] if b else 'absent'} wanted")
     if arrays:
         lines.append(f"{len(arrays)} arrays differ, e.g. " + "; ".join(arrays[:3]))
@@ -337,7 +358,7 @@ def restore_latest(manager: Checkpoints, abstract_state, data_iter=None, *, conf
                 raise _Damage(reason)
             manifest = read_manifest(step_dir) if manifest is None else manifest
             saved = _shapes(_state_metadata(step_dir))
-            if saved != wanted:
+            if not _fits(saved, wanted):
                 raise ConfigMismatchError(_mismatch_message(step_dir, workdir, config, saved, wanted))
             items = {STATE: ocp.args.StandardRestore(abstract_state)}
             if data_iter is not None:
@@ -395,7 +416,7 @@ def check_params_fit(workdir: str | Path, config) -> None:
             continue
         for key in ("ema_params", "params"):
             saved = {p[1:]: v for p, v in shapes.items() if p[0] == key}
-            if saved and saved != wanted:
+            if saved and not _fits(saved, wanted):
                 raise ConfigMismatchError(_mismatch_message(root / str(step), Path(workdir), config,
                                                             {(key, *p): v for p, v in saved.items()},
                                                             {(key, *p): v for p, v in wanted.items()}))

@@ -166,7 +166,10 @@ def explain_flag_error(e: BaseException, argv) -> str:
     config_arg = _argv_value(argv, "config")
     if isinstance(e, OSError) or "earlier failure to load" in text or "Failed loading config file" in text:
         if config_arg is not None:
-            return (f"--config={config_arg}: cannot load the config file ({one_line(e).split(': ')[-1]}); "
+            import re
+
+            cause = re.findall(r"\[Errno \d+\] ([^:]+)", text)
+            return (f"--config={config_arg}: cannot load the config file ({cause[-1] if cause else one_line(e)}); "
                     "give a file under configs/, e.g. --config=configs/dit_s.py:demo")
     if isinstance(e, AttributeError) or isinstance(e.__context__, KeyError):
         key = text.strip("\"'")
@@ -183,6 +186,15 @@ def explain_flag_error(e: BaseException, argv) -> str:
 
 
 USER_ERRORS = (ConfigError, RunError, OSError)
+
+
+def cli_error_line(e: BaseException, argv) -> str:
+    """The one line a CLI prints for a user error."""
+    if "earlier failure to load" in str(e):  # ml_collections defers a config file's load error to first use
+        return f"error: {explain_flag_error(e, argv)}"
+    prefix = "config error" if isinstance(e, ConfigError) else "error"
+    kind = "" if isinstance(e, (ConfigError, RunError)) else f"{type(e).__name__}: "
+    return f"{prefix}: {kind}{one_line(e)}"
 
 
 def run_cli(main) -> None:
@@ -221,9 +233,7 @@ def run_cli(main) -> None:
         except USER_ERRORS as e:
             if flags.FLAGS.verbose:
                 raise
-            prefix = "config error" if isinstance(e, ConfigError) else "error"
-            kind = "" if isinstance(e, (ConfigError, RunError)) else f"{type(e).__name__}: "
-            print(f"{prefix}: {kind}{one_line(e)}", file=sys.stderr, flush=True)
+            print(cli_error_line(e, sys.argv), file=sys.stderr, flush=True)
             sys.exit(2)
 
     app.run(wrapped, flags_parser=parse)

@@ -193,7 +193,7 @@ def _load_npz(npz_path: Path) -> dict:
 def main(argv: list[str]) -> int:
     """The CLI: user errors (missing or damaged files, a checkpoint of another model, a non-empty --out)
     are one line and exit 2; --verbose shows their traceback."""
-    from trainers.config_validation import USER_ERRORS, explain_flag_error, one_line
+    from trainers.config_validation import USER_ERRORS, cli_error_line, explain_flag_error
 
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
@@ -202,7 +202,7 @@ def main(argv: list[str]) -> int:
     except USER_ERRORS as e:
         if verbose:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        print(cli_error_line(e, argv), file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # noqa: BLE001 - flag parsing (ml_collections raises many types)
         from absl import flags
