@@ -727,7 +727,7 @@ def _fixture_model(meta, buffers) -> TokenBridgeNet:
     c = meta["constructor_args"]
     grid = c["img_size"] // c["vae_stride"] // c["patch_size"]
     quantizer = Quantizer(min_range=c["quant_min"], max_range=c["quant_max"], std_range=c["std_range"],
-                          reconstruction_values=buffers["reconstruction_values"], impl="pallas")
+                          reconstruction_values=buffers["reconstruction_values"])
     if quantizer.levels != c["quant_levels"]:
         raise ValueError(f"fixture buffer has {quantizer.levels} levels; constructor says {c['quant_levels']}")
     return TokenBridgeNet(
