@@ -15,7 +15,7 @@ forwards on the split rows only).
 ``fid``: the embedded-digit demos (``configs/splitmeanflow_b4.py:demo``, ``configs/meanflow_b4.py:demo``
 and the flow-matching DiT ``configs/dit_s.py:demo``, the same network size) trained for the same
 number of steps through ``trainers.train``, then MNIST-feature FID (eval/domain.py) of
-``--num_samples`` EMA samples at 1, 2 and 4 steps (flow matching: Euler at 1, 2, 4 and 50 steps, CFG
+``--num_samples`` samples (raw params, or ``--ema``) at 1, 2 and 4 steps (flow matching: Euler at 1, 2, 4 and 50 steps, CFG
 2.0 as its demo); prints one table and writes ``fid.json`` in ``--out``.
 """
 
@@ -135,6 +135,8 @@ def bench_fid(args) -> dict:
 
         config = importlib.import_module(module).get_config("demo")
         config.num_steps = args.num_steps
+        config.batch_size = args.fid_batch
+        config.model.update(hidden_size=args.fid_width, depth=args.fid_depth)
         config.optim.warmup_steps = min(config.optim.warmup_steps, args.num_steps // 4)
         config.checkpoint_every = args.num_steps
         config.eval.num_samples = 0
@@ -147,11 +149,14 @@ def bench_fid(args) -> dict:
             reference = train.dataset_images(config, args.num_samples, seed=17)
         method = get_method(config)
         model_def = ModelDef(method)
+        # The demos' EMA (0.995) still holds ~1/4 of the initial weights after 300 steps: short budgets
+        # sample the raw params (--ema to use the EMA).
+        params_key = "ema_params" if args.ema else "params"
         labels = jnp.asarray(grid_labels(args.num_samples, config.data.num_classes), jnp.int32)
         scores = {}
         for k in step_counts:
             fn = jax.jit(lambda p, r, rng, y, k=k: method.sample(model_def.merge(p, r), rng, y, num_steps=k, **extra))
-            chunks = [fn(state["ema_params"], state["rest"], jax.random.PRNGKey(i), labels[i:i + 100])
+            chunks = [fn(state[params_key], state["rest"], jax.random.PRNGKey(i), labels[i:i + 100])
                       for i in range(0, args.num_samples, 100)]
             images = images_to_uint8(np.concatenate([np.asarray(c) for c in chunks]))
             s = harness.evaluate(images, dataset_images=reference, domain=True)
@@ -159,7 +164,8 @@ def bench_fid(args) -> dict:
         results[name] = {"train_s": train_s, "mnist_fid": scores}
         print(f"{name}: trained {args.num_steps} steps in {train_s:.0f} s; MNIST-FID by steps: {scores}", flush=True)
     (out_dir / "fid.json").write_text(json.dumps(results, indent=2))
-    print(f"\nMNIST-feature FID ({args.num_samples} samples, {args.num_steps} train steps, batch 64)")
+    print(f"\nMNIST-feature FID ({args.num_samples} samples; {args.num_steps} train steps, batch {args.fid_batch}, "
+          f"width {args.fid_width}, depth {args.fid_depth})")
     print("method          " + "".join(f"{k:>9}" for k in (1, 2, 4, 50)))
     for name, r in results.items():
         print(f"{name:16s}" + "".join(f"{r['mnist_fid'][k]:9.2f}" if k in r["mnist_fid"] else f"{'-':>9}"
@@ -177,6 +183,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--num_steps", type=int, default=400, help="fid: train steps per method")
     parser.add_argument("--num_samples", type=int, default=500, help="fid: samples per score")
+    parser.add_argument("--fid_batch", type=int, default=64, help="fid: batch (the demos' 64)")
+    parser.add_argument("--fid_width", type=int, default=96, help="fid: width of all three (the demos' 96)")
+    parser.add_argument("--fid_depth", type=int, default=4, help="fid: depth of all three (the demos' 4)")
+    parser.add_argument("--ema", action="store_true", help="fid: sample the EMA params (default: raw params)")
     parser.add_argument("--out", default="/tmp/meanflow_bench", help="fid: workdirs and fid.json")
     args = parser.parse_args()
     bench_step(args) if args.mode == "step" else bench_fid(args)

@@ -67,9 +67,9 @@ def test_checkpoint_reader_takes_ema_params_of_a_flax_msgpack(tmp_path):
 
 
 # ----------------------------------------------------------------------------- sizes, configs
-@pytest.mark.parametrize("size", list(meanflow_common.SIZES))
-@pytest.mark.parametrize("method", ["meanflow", "splitmeanflow"])
+@pytest.mark.parametrize("method,size", [("meanflow", s) for s in meanflow_common.SIZES] + [("splitmeanflow", "B/4")])
 def test_parameter_counts_match_meanflow_table(method, size):
+    """SplitMeanFlow builds the same network (its configs share meanflow_common), so one size suffices."""
     config = config_of(method, size)
     get_method(config).validate_config(config)
     model = nnx.eval_shape(lambda: get_method(config).create_model(nnx.Rngs(0)))
@@ -213,6 +213,16 @@ def test_k_step_sampler_is_consistent_for_the_true_field(name):
 
 
 # ----------------------------------------------------------------------------- networks, guidance, two-stage
+def perturb(model, seed):
+    """Non-zero adaLN / final layers (zero-initialised), so that outputs depend on every input."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)
+    nnx.update(model, jax.tree.unflatten(treedef, [
+        l + jnp.asarray(0.05 * rng.standard_normal(l.shape), l.dtype) for l in leaves]))
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny_models():
     out = {}
@@ -220,11 +230,7 @@ def tiny_models():
         config = tiny_config(name)
         method = get_method(config)
         model = method.create_model(nnx.Rngs(0))
-        state = nnx.state(model, nnx.Param)
-        leaves, treedef = jax.tree.flatten(state)
-        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-        nnx.update(model, jax.tree.unflatten(treedef, [l + 0.05 * jax.random.normal(k, l.shape)
-                                                       for l, k in zip(leaves, keys)]))
+        perturb(model, 1)
         out[name] = (config, method, model)
     return out
 
@@ -247,7 +253,9 @@ def test_loss_has_gradients_and_the_h_embedder_matters(tiny_models, name):
         return method.loss(nnx.merge(graphdef, p, rest), batch, jax.random.PRNGKey(3))
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
-    assert np.isfinite(float(loss)) and 0 < float(loss) < 1.0 + 1e-3
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    if config.model.norm_p == 1.0:  # adaptive weight: every per-sample term sq / (sq + c) is below 1
+        assert float(loss) < 1.0
     norms = {k: float(optax_norm(v)) for k, v in nnx.to_pure_dict(grads).items()}
     assert norms["h_embedder"] > 0 and norms["blocks"] > 0, norms
     z = batch["image"][:2]
@@ -283,12 +291,7 @@ def test_two_stage_student_starts_equal_to_the_flow_matching_teacher():
 
     dc = tiny_dit_config()
     dc.model.learn_sigma = True  # the sigma half is dropped
-    teacher = dit.build_network(dc.model, nnx.Rngs(2))
-    state = nnx.state(teacher, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-    nnx.update(teacher, jax.tree.unflatten(treedef, [l + 0.05 * jax.random.normal(k, l.shape)
-                                                     for l, k in zip(leaves, keys)]))
+    teacher = perturb(dit.build_network(dc.model, nnx.Rngs(2)), 3)
     config = tiny_config("splitmeanflow", **{"model.boundary_target": "teacher"})
     config.optim.weight_decay = 0.0
     method = get_method(config)
@@ -298,10 +301,11 @@ def test_two_stage_student_starts_equal_to_the_flow_matching_teacher():
     z = jax.random.normal(jax.random.PRNGKey(5), (4, 16, 16, 1))
     t = jnp.array([0.0, 0.3, 0.8, 1.0])
     y = jnp.array([0, 3, 7, 10])
-    want = -teacher(z, 1 - t, y)[..., :1]
-    np.testing.assert_allclose(model(z, t, jnp.zeros(4), y), want, atol=2e-5)
-    np.testing.assert_allclose(model(z, t, jnp.full(4, 0.6), y), want, atol=2e-5)  # zero h embedder
-    np.testing.assert_allclose(model.teacher(z, t, jnp.zeros(4), y), want, atol=2e-5)
+    call = nnx.jit(lambda m, *a: m(*a))
+    want = -call(teacher, z, 1 - t, y)[..., :1]
+    np.testing.assert_allclose(call(model, z, t, jnp.zeros(4), y), want, atol=2e-5)
+    np.testing.assert_allclose(call(model, z, t, jnp.full(4, 0.6), y), want, atol=2e-5)  # zero h embedder
+    np.testing.assert_allclose(call(model.teacher, z, t, jnp.zeros(4), y), want, atol=2e-5)
     batch = {"image": z, "label": jnp.array([0, 3, 7, 1])}
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     grads = jax.jit(jax.grad(lambda p: method.loss(nnx.merge(graphdef, p, rest), batch, jax.random.PRNGKey(0))[0]))(params)
