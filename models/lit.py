@@ -144,7 +144,7 @@ def route(logits):
     """Hard argmax routing with a straight-through softmax gradient: forward one-hot, backward d softmax."""
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    return hard + p - jax.lax.stop_gradient(p)
+    return hard + (p - jax.lax.stop_gradient(p))  # forward exactly one-hot
 
 
 def focused_kernel(z, gamma, eps: float = 1e-6):

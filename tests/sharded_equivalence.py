@@ -24,7 +24,9 @@ def losses(workdir):
 def main(root, model):
     assert jax.device_count() == 8, jax.devices()
     base = dict(num_steps=5, checkpoint_every=5, num_grid_samples=0)
-    make = {"dit": tiny_dit_config, "xar": tiny_xar_config, "tokenbridge": tiny_tokenbridge_config}[model]
+    from tests.test_lit import tiny_lit_config
+
+    make = {"dit": tiny_dit_config, "xar": tiny_xar_config, "dydi_lit": tiny_lit_config, "tokenbridge": tiny_tokenbridge_config}[model]
     sharded_cfg = make(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     single_cfg = make(**base, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
     sharded = train.train_and_evaluate(sharded_cfg, f"{root}/sharded")
