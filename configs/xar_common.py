@@ -12,13 +12,6 @@ The embedded latent pipeline (tokenizer -> latent cache -> xAR -> images -> scor
     python -m trainers.main --config=configs/xar_b.py:demo,latent --workdir=workdirs/xar_latent_demo
 """
 
-# The demo KL-VAE's workdir and latent cache (the paths of the pipeline above).
-DEMO_TOKENIZER_WORKDIR = "workdirs/kl_vae_demo"
-DEMO_LATENTS = "data_cache/mnist_kl_vae_demo"
-# 1 / std of the demo KL-VAE's posterior samples on the digits (LDM's scale_by_std, measured once with
-# the latent cache's metadata "latent_std"), so the flow starts from unit-variance latents.
-DEMO_LATENT_SCALE = 1.0
-
 from __future__ import annotations
 
 import ml_collections
@@ -30,6 +23,13 @@ SIZES = {"B": (768, 8, 12), "L": (1024, 16, 16), "H": (1280, 20, 16)}
 # sampling steps and guidance scale of the paper's results (upstream README)
 SAMPLING = {"B": (40, 2.7), "L": (50, 2.3), "H": (50, 2.2)}
 ENTITIES = ("token", "cell", "subsample", "scale", "image")
+
+# The demo KL-VAE's workdir and latent cache (the paths of the pipeline above).
+DEMO_TOKENIZER_WORKDIR = "workdirs/kl_vae_demo"
+DEMO_LATENTS = "data_cache/mnist_kl_vae_demo"
+# 1 / std of the demo KL-VAE's posterior samples on the digits (LDM's scale_by_std, measured once with
+# the latent cache's metadata "latent_std"), so the flow starts from unit-variance latents.
+DEMO_LATENT_SCALE = 1.0
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 

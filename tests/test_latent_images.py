@@ -142,6 +142,7 @@ def _diffusers(tmp_path, *args):
     run_python([str(script), *map(str, args)], cwd=tmp_path, timeout=600)
 
 
+@pytest.mark.slow
 def test_sit_with_sd_vae_from_published_files(tmp_path):
     """SiT ({"model", "ema"} .pt) + SD-VAE (diffusers .safetensors): import -> trainers.sample -> images equal to
     diffusers' own decode of the same latents -> eval.main scores them."""
