@@ -113,8 +113,9 @@ def test_cache_from_a_zoo_tokenizer_workdir_equals_the_cache_from_params(cache, 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     tok_config, tok_params, rest = cache_latents.load_workdir_tokenizer(str(tok_dir), mesh)
     assert tok_config.model.name == "kl_vae"
-    again = cache_latents.write_cache(tok_config, tok_params, str(tmp_path / "c"), npz=str(Path(out).parent / "images.npz"),
-                                      batch_size=4, progress=False, rest=rest)
+    again = cache_latents.write_cache(tok_config, tok_params, str(tmp_path / "c"),
+                                      npz=str(Path(out).parent / "images.npz"), batch_size=4, progress=False,
+                                      rest=rest)
     assert again["latent_type"] == "moments" and again["latent_shape"] == meta["latent_shape"]
     a, b = latents.LatentSource(out), latents.LatentSource(str(tmp_path / "c"))
     for i in range(len(a)):

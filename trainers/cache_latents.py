@@ -109,7 +109,8 @@ def write_cache(config, params, out: str, *, npz: str = "", batch_size: int = 64
         raise ValueError(f"--batch_size={batch_size} must be divisible by the {n_dev} devices")
     params = jax.device_put(params, sharding.replicated(mesh))
     if rest is None:
-        rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(model_def.init, jax.random.PRNGKey(0))[1])
+        abstract_rest = jax.eval_shape(model_def.init, jax.random.PRNGKey(0))[1]
+        rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_rest)
     rest = jax.device_put(rest, sharding.replicated(mesh))
     batch_sh = sharding.batch_sharding(mesh, 4)
 
