@@ -342,6 +342,16 @@ def restore_latest(manager: Checkpoints, abstract_state, data_iter=None, *, conf
     workdir = root.parent
     wanted = _shapes(abstract_state)
     steps = sorted(manager.all_steps(), reverse=True)
+    if steps and config is not None:  # another method on the same shapes (dit vs sit) is a mismatch too
+        try:
+            saved_name = read_config(workdir).model.name
+        except (FileNotFoundError, ValueError, AttributeError, KeyError):
+            saved_name = None
+        if saved_name is not None and saved_name != config.model.name:
+            raise ConfigMismatchError(
+                f"the checkpoints in {root} are of config.model.name={saved_name!r} (its config.json) and this "
+                f"config trains {config.model.name!r}; nothing was restored, moved or overwritten. Use a new "
+                "--workdir (or trainers.convert import to start one from those weights)")
     damaged = []
     found = (None, None)
     for step in steps:

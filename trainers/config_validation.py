@@ -175,8 +175,9 @@ def explain_flag_error(e: BaseException, argv) -> str:
         key = text.strip("\"'")
         for a in argv:
             name = a.split("=", 1)[0]
-            if name.startswith("--config.") and name.split(".")[-1] == key:
-                parent = name[2:].rsplit(".", 1)[0]
+            parts = name[2:].split(".")
+            if name.startswith("--config.") and key in parts[1:]:
+                parent = ".".join(parts[:parts.index(key, 1)])
                 return f"{name}: {parent} has no field {key!r}; check the spelling against {config_arg or 'the config'}"
         return f"unknown config field {key!r}; check the spelling of the --config.* flags"
     if "Error whilst parsing config file" in text:
