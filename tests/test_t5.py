@@ -100,3 +100,17 @@ def test_missing_files_name_the_file_and_where_it_is_published(tmp_path):
         t5.load_pretrained(tmp_path)
     with pytest.raises(KeyError, match="shared.weight"):
         t5.params_from_hf({}, t5.T5Config.from_dict(TINY))
+
+
+def test_safetensors_reader_reads_bfloat16_and_float32(tmp_path):
+    values = np.array([[1.5, -2.25], [0.125, 1024.0]], np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()  # exact in bfloat16
+    f32 = values.astype("<f4").tobytes()
+    header = {"a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, len(bf16)]},
+              "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [len(bf16), len(bf16) + len(f32)]},
+              "__metadata__": {"format": "pt"}}
+    blob = json.dumps(header).encode()
+    (tmp_path / "w.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bf16 + f32)
+    sd = t5.read_safetensors(tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(sd["a"], values)
+    np.testing.assert_array_equal(sd["b"], values)

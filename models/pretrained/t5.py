@@ -266,16 +266,35 @@ def load_state_dict(path: str | Path, repo: str | None = None) -> dict[str, np.n
             out.update(load_state_dict(path.parent / shard, repo))
         return out
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        out = {}
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                out[key] = np.asarray(f.get_tensor(key), np.float32)
-        return out
+        return read_safetensors(path)
     from trainers import torchfile
 
     return {k: np.asarray(v, np.float32) for k, v in torchfile.load_state_dict(path).items()}
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """{key: float32 array} of a ``.safetensors`` file, bfloat16 included (numpy has no bfloat16:
+    the 16 stored bits are the high half of a float32). Format: 8-byte little-endian header size,
+    a JSON header {key: {dtype, shape, data_offsets}}, then the raw little-endian data."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    body = memoryview(raw)[8 + n:]
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}; a T5 checkpoint stores floats")
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(body[start:end], dtype=np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"))
+        if info["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[key] = arr.astype(np.float32).reshape(info["shape"])
+    return out
 
 
 def params_from_hf(state_dict: dict[str, np.ndarray], cfg: T5Config) -> dict:
