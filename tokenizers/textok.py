@@ -745,13 +745,13 @@ def sample_generator(workdir: str, num: int = 500, *, seed: int = 1, mesh=None, 
     mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     config, method, model_def, params, rest = _restore(workdir, mesh)
     tok_method, tok_def, tok_params, tok_rest = decode.load_tokenizer(config, mesh)
-    scale = float(config.tokenizer.scale)
 
     @jax.jit
     def sample(params, rest, tok_params, tok_rest, rng, labels):
         rng_sample, rng_caption = jax.random.split(rng)
         tokens = method.sample(model_def.merge(params, rest), rng_sample, labels)
-        return tok_method.decode(tok_def.merge(tok_params, tok_rest), tokens / scale, labels=labels, rng=rng_caption)
+        # Generator-space tokens: decode divides by the tokenizer's scale_factor (= config.tokenizer.scale).
+        return tok_method.decode(tok_def.merge(tok_params, tok_rest), tokens, labels=labels, rng=rng_caption)
 
     labels = grid_labels(num, config.data.num_classes)
     batch = int(config.sample_batch_size)
