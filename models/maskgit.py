@@ -340,3 +340,120 @@ def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
 
 
 FIXTURE_CHECKS = {"titok_maskgit": fixture_check}
+
+
+# ----------------------------------------------------------------------------
+# The method (config.model.name == "maskgit"): a generator over a VQ tokenizer's codes
+# ----------------------------------------------------------------------------
+
+
+class MaskGIT(Method):
+    """MaskGIT on the codes of the tokenizer named by ``config.tokenizer`` (a zoo tokenizer workdir
+    with ``latent_type == "codes"``, e.g. One-D-Piece). Training batches bring the codes either
+    from a code cache (``config.data.latents``, ``batch["latent"]`` (B, L) int32) or as images,
+    encoded on the fly by the frozen tokenizer (its params held as constants: meant for small
+    tokenizers; cache the codes for large ones). ``sample`` returns codes (B, L); the pairing
+    (trainers/decode.py) decodes them to images.
+    """
+
+    kind = "generator"
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        self.kwargs = dict(codebook_size=int(m.codebook_size), num_classes=int(config.data.num_classes),
+                           seq_len=int(m.seq_len), hidden=int(m.hidden), depth=int(m.depth), heads=int(m.heads),
+                           intermediate=int(m.intermediate), dropout=float(m.dropout),
+                           attn_dropout=float(m.attn_dropout))
+        self._tokenizer = None
+
+    def validate_config(self, config) -> None:
+        m, s = config.model, config.sample
+        if int(m.hidden) % int(m.heads):
+            raise ValueError(f"config.model.hidden={m.hidden} is not divisible by config.model.heads={m.heads}")
+        if s.guidance_decay not in GUIDANCE_DECAYS:
+            raise ValueError(f"config.sample.guidance_decay={s.guidance_decay!r}: one of {GUIDANCE_DECAYS}")
+        if not (config.get("tokenizer") and config.tokenizer.kind == "workdir"):
+            raise ValueError("config.tokenizer.kind must be 'workdir' (a zoo VQ tokenizer, e.g. a One-D-Piece run) "
+                             "so that the sampled codes decode to images")
+        from trainers import decode
+        from trainers.method import get_method
+
+        tok_config = decode.tokenizer_config(config)
+        tok = get_method(tok_config)
+        if getattr(tok, "latent_type", None) != "codes":
+            raise ValueError(f"config.tokenizer.workdir={config.tokenizer.workdir!r} holds a "
+                             f"{tok_config.model.name!r} tokenizer whose latents are not discrete codes")
+        want = {"codebook_size": int(tok_config.model.codebook_size),
+                "seq_len": int(tok_config.model.num_latent_tokens)}
+        for field, value in want.items():
+            if int(m[field]) != value:
+                raise ValueError(f"config.model.{field}={m[field]} but the tokenizer in {config.tokenizer.workdir} "
+                                 f"has {value}")
+
+    def create_model(self, rngs: nnx.Rngs) -> ImageBert:
+        return ImageBert(**self.kwargs, rngs=rngs)
+
+    # -- codes of a batch
+    def tokenizer(self):
+        """(method, model_def, params, rest) of the frozen tokenizer, loaded once (numpy params)."""
+        if self._tokenizer is None:
+            from trainers import decode, sharding
+            from trainers.method import ModelDef, get_method
+
+            with jax.ensure_compile_time_eval():
+                tok_config = decode.tokenizer_config(self.config)
+                method = get_method(tok_config)
+                model_def = ModelDef(method)
+                mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+                _, params, rest = decode.restore_params(self.config.tokenizer.workdir, model_def, mesh,
+                                                        use_ema=bool(self.config.tokenizer.get("use_ema", True)))
+                self._tokenizer = (method, model_def, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, rest))
+        return self._tokenizer
+
+    def codes(self, batch):
+        if "latent" in batch:
+            codes = batch["latent"]
+            if not jnp.issubdtype(codes.dtype, jnp.integer):
+                raise ValueError(f"batch['latent'] has dtype {codes.dtype}: a MaskGIT code cache holds int codes")
+            return codes.reshape(codes.shape[0], -1).astype(jnp.int32)
+        method, model_def, params, rest = self.tokenizer()
+        codes = method.encode(model_def.merge(params, rest), batch["image"])
+        return jax.lax.stop_gradient(codes).astype(jnp.int32)
+
+    # -- the objective
+    def loss(self, model: ImageBert, batch, rng):
+        m = self.config.model
+        tokens = self.codes(batch)
+        b, seq_len = tokens.shape
+        k_t, k_perm, k_drop, k_net = jax.random.split(rng, 4)
+        masked, masks = mask_tokens(tokens, jax.random.uniform(k_t, (b,)), jax.random.uniform(k_perm, (b, seq_len)),
+                                    model.mask_token_id)
+        drop = jax.random.uniform(k_drop, (b,)) < float(m.class_dropout)
+        logits = model(masked, batch["label"], drop, train=True, rng=k_net)
+        loss, correct = mlm_loss(logits, tokens, masks, label_smoothing=float(m.label_smoothing),
+                                 unmasked_weight=float(m.unmasked_weight))
+        return loss, {"loss": loss, "correct_tokens": correct, "mask_ratio": jnp.mean(masks)}
+
+    # -- the sampler
+    def sample(self, model: ImageBert, rng, labels, **sampler):
+        s = {**self.config.sample.to_dict(), **sampler}
+        return generate(model, labels, rng, num_steps=int(s["num_steps"]), guidance_scale=float(s["cfg_scale"]),
+                        guidance_decay=s["guidance_decay"], guidance_scale_pow=float(s["guidance_scale_pow"]),
+                        randomize_temperature=float(s["randomize_temperature"]),
+                        softmax_temperature_annealing=bool(s["softmax_temperature_annealing"]))
+
+
+def import_maskgit(state_dict, config) -> dict:
+    """A released MaskGIT generator (HF ``pytorch_model.bin``/``model.safetensors``) for a config of
+    configs/maskgit_one_d_piece_*.py."""
+    return params_from_torch(state_dict, MaskGIT(config).kwargs)
+
+
+def load_state_dict(path):
+    from tokenizers.one_d_piece import load_state_dict as load
+
+    return load(path)
+
+
+IMPORTERS = {"maskgit": import_maskgit}

@@ -1,0 +1,10 @@
+"""MaskGIT on One-D-Piece-S-256 codes (turingmotors/One-D-Piece configs/training/generator/maskgit_one-d-piece_s256.yaml).
+
+Variants: "" and demo; see configs/maskgit_common.py for the command.
+"""
+
+from configs import maskgit_common
+
+
+def get_config(arg=None):
+    return maskgit_common.get_config("S", arg)
