@@ -221,7 +221,7 @@ def test_config_errors_before_compilation(captioned, tmp_path):
         config_validation.validate(bad)
     bad = c.copy_and_resolve_references()
     bad.data.captions = str(tmp_path / "none")
-    with pytest.raises(FileNotFoundError, match="trainers.captions embed"):
+    with pytest.raises(config_validation.ConfigError, match="trainers.captions embed"):
         config_validation.validate(bad)
     with pytest.raises(ValueError, match="patch size 1"):
         d = textok_dit_l.get_config("demo")

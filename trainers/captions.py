@@ -331,7 +331,7 @@ def resolve(config) -> Path:
     if value != DEMO:
         path = Path(value)
         if not (path / "metadata.json").exists():
-            raise FileNotFoundError(f"config.data.captions={value!r}: no caption embedding cache there (metadata.json); "
+            raise ValueError(f"config.data.captions={value!r}: no caption embedding cache there (metadata.json); "
                                     "write one with `python -m trainers.captions embed --captions=FILE.jsonl --out=DIR`")
         return path
     path = demo_cache_dir(config)
