@@ -1,7 +1,12 @@
 """One-D-Piece sizes and the two training stages, shared by configs/one_d_piece_{s,b,l}256.py.
 
-Variants (comma-separated): "stage1" (default) | "stage2", plus "demo" (the embedded digits on a
-laptop CPU). Upstream turingmotors/One-D-Piece configs/training/stage{1,2}/one-d-piece_*256.yaml.
+Variants (comma-separated): "stage1" (default) | "stage2" | "released" (the published stage-2
+tokenizer for import and evaluation: no training losses' files needed, Tail Token Drop over 1..N-1
+as those checkpoints were trained), plus "demo" (the embedded digits on a laptop CPU). Upstream
+turingmotors/One-D-Piece configs/training/stage{1,2}/one-d-piece_*256.yaml.
+
+    python -m trainers.convert import one_d_piece model.safetensors --config=configs/one_d_piece_s256.py:released \
+        --out=DIR     # huggingface.co/turing-motors/One-D-Piece-S-256
 
     python -m trainers.main --config=configs/one_d_piece_s256.py:stage1 --workdir=S1 \
         --config.model.vqgan_weights=maskgit-vqgan-imagenet-f16-256.bin
@@ -24,10 +29,11 @@ BATCH = {1: 1024, 2: 512}
 
 def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     variants = [a for a in (arg or "").split(",") if a]
-    unknown = set(variants) - {"stage1", "stage2", "demo"}
-    if unknown or ("stage1" in variants and "stage2" in variants):
-        raise ValueError(f"One-D-Piece config variants: stage1 | stage2, and demo; got {arg!r}")
-    stage = 2 if "stage2" in variants else 1
+    unknown = set(variants) - {"stage1", "stage2", "released", "demo"}
+    if unknown or len({"stage1", "stage2", "released"} & set(variants)) > 1:
+        raise ValueError(f"One-D-Piece config variants: stage1 | stage2 | released, and demo; got {arg!r}")
+    released = "released" in variants
+    stage = 2 if ("stage2" in variants or released) else 1
     demo = "demo" in variants
     width, depth, heads = SIZES[size]
     c = common.base()
@@ -88,6 +94,9 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         o.warmup_steps = 5_000
     c.sample_every = 5000
     c.checkpoint_every = 5000
+    if released:
+        m.tail_drop_max = m.num_latent_tokens - 1  # randint(1, N) before upstream's fix of 2025-04-02
+        m.loss.perceptual_weight = 0.0  # import/evaluation only: no ConvNeXt file needed
 
     if demo:
         # Minutes on a laptop CPU: 32x32 digits, 16 latent tokens of 8x8 patches over a 4x4 grid of

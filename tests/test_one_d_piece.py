@@ -254,3 +254,32 @@ def test_both_stages_and_the_generator_train_in_the_one_loop(tmp_path):
     train.train_and_evaluate(gen, str(tmp_path / "gen"))
     assert all(np.isfinite(m["loss"]) for m in metrics(tmp_path / "gen"))
     assert list((tmp_path / "gen" / "samples").glob("*.png"))  # samples decoded through the tokenizer
+
+
+def test_stage2_checkpoint_converts_and_decodes_softly_through_the_vqgan(golden):
+    """A stage-2 state_dict (TiTok keys + the VQGAN's under pixel_*) converts; the stage-2 decode is
+    the VQGAN's soft decode of the ViT decoder's logits."""
+    from tokenizers import maskgit_vqgan
+
+    meta, params, _, inputs, outputs = convert.load_fixture(golden / "one_d_piece.npz")
+    vq_meta, vq_params, _, _, _ = convert.load_fixture(golden / "maskgit_vqgan.npz")
+    conf, quant = vq_meta["constructor"]["conf"], vq_meta["constructor"]["quant"]
+    vqgan = {**conf, "z_channels": quant["embedding_dim"], "num_embeddings": quant["num_embeddings"]}
+    kwargs = {**one_d_piece.fixture_kwargs(meta), "stage": 2, "vqgan": vqgan}
+    sd = {**params, **{"pixel_" + k: v for k, v in vq_params.items() if not k.startswith("encoder.")}}
+    model = one_d_piece._merge(kwargs, one_d_piece.params_from_torch(sd, kwargs))
+    with pytest.raises(ValueError, match="missing"):
+        one_d_piece.params_from_torch(params, kwargs)  # the pixel decoder is required in stage 2
+    vq_kwargs = maskgit_vqgan.vqgan_kwargs(vqgan)
+    vq = maskgit_vqgan.merge(vq_kwargs, maskgit_vqgan.params_from_torch(vq_params, vq_kwargs))
+
+    @jax.jit
+    def both(x):
+        z_q, _ = model.encode(x)
+        return model.decode(z_q), vq.decode_soft(model.decoder(z_q))
+
+    x = jnp.asarray(inputs["pixel_values"]).transpose(0, 2, 3, 1)
+    ours, expected = both(x)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=1e-5)
+    logits = np.asarray(jax.jit(lambda x: model.decoder(model.encode(x)[0]))(x)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(logits, outputs["logits_full"], atol=1e-4 * max(1, np.abs(outputs["logits_full"]).max()))
