@@ -110,6 +110,15 @@ def test_1_changed_model_is_an_error_naming_the_field_and_nothing_moves(workdir,
     with pytest.raises(checkpoint.ConfigMismatchError, match=r"config\.model\.hidden_size: 32 in the workdir"):
         checkpoint.check_params_fit(workdir, config)
 
+    # Another method on the same shapes (as DiT and SiT would be) is a mismatch too.
+    saved = (workdir / "config.json").read_text()
+    other = json.loads(saved)
+    other["model"]["name"] = "xar"
+    (workdir / "config.json").write_text(json.dumps(other))
+    with pytest.raises(checkpoint.ConfigMismatchError, match=r"config\.model\.name='xar' .* trains 'dit'"):
+        checkpoint.restore_latest(checkpoint.make_manager(workdir), None, config=run_config())
+    (workdir / "config.json").write_text(saved)
+
     # convert import into a trained workdir refuses; --replace moves everything aside, deleting nothing.
     with pytest.raises(RunError, match=r"is not empty .* --replace"):
         convert.prepare_workdir(str(workdir), replace=False)

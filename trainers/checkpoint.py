@@ -27,8 +27,9 @@ Restoring tells two things apart:
   and the previous one is tried; the cause is printed.
 
 A checkpoint without ``manifest.json`` (written before manifests existed, or
-killed between orbax's commit and the manifest) is restored unverified, with a
-warning. Imported checkpoints (``trainers.convert import``) have no
+killed between orbax's commit and the manifest, which is written by a
+background thread once the loop sees the save finished) is restored
+unverified, with a warning. Imported checkpoints (``trainers.convert import``) have no
 data-iterator state by construction; their manifest records that, and a run
 fine-tuning from one starts its data at the first batch, logged.
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +150,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA_ITER))
         self._unfinished: list[tuple[int, bool]] = []  # (step, has data_iter) saved, manifest not written
         self._failed: SaveError | None = None
+        self._hashing: threading.Thread | None = None  # manifests of finished saves, off the step's path
 
     # orbax passthroughs
     def all_steps(self):
@@ -161,6 +164,7 @@ class Checkpoints:
 
     def save(self, step: int, items: dict, *, has_data_iter: bool) -> None:
         self._raise_if_failed()
+        self._join_hashing()  # (orbax may delete an old step under keep_last while saving this one)
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 - orbax surfaces an earlier background failure here too
@@ -172,19 +176,42 @@ class Checkpoints:
         raise SaveError with the cause (instead of stalling until orbax's 300 s timeout)."""
         self._raise_if_failed()
         if self._unfinished and not self.manager.is_saving_in_progress():
-            self.wait_until_finished()
+            self._finish(background=True)
 
     def wait_until_finished(self) -> None:
+        """Wait for the save in flight and write the manifests of every finished save."""
+        self._finish(background=False)
+
+    def _finish(self, *, background: bool) -> None:
         self._raise_if_failed()
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the background thread's error, re-raised by orbax
             self._fail(self._unfinished[-1][0] if self._unfinished else -1, e)
+        self._join_hashing()
         done, self._unfinished = self._unfinished, []
+        if not done:
+            return
         existing = set(self.manager.all_steps())
-        for step, has_data_iter in done:
-            if step in existing:  # (a step may already be gone under keep_last)
-                write_manifest(self.directory / str(step), data_iter=has_data_iter)
+        done = [(step, d) for step, d in done if step in existing]  # (a step may be gone under keep_last)
+
+        def write():
+            for step, has_data_iter in done:
+                try:
+                    write_manifest(self.directory / str(step), data_iter=has_data_iter)
+                except FileNotFoundError:  # deleted under keep_last meanwhile: nothing to verify later
+                    pass
+
+        if background:  # checksums of a large checkpoint take seconds: hashlib releases the GIL
+            self._hashing = threading.Thread(target=write, name="checkpoint_manifest", daemon=True)
+            self._hashing.start()
+        else:
+            write()
+
+    def _join_hashing(self) -> None:
+        if self._hashing is not None:
+            self._hashing.join()
+            self._hashing = None
 
     def _fail(self, step: int, e: Exception):
         cause = str(e).splitlines()[0] if str(e) else ""
