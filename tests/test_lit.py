@@ -111,7 +111,7 @@ def test_rmsnorm_normaliser_option():
 
 
 @pytest.fixture(scope="module")
-def imported(golden_dir=None):
+def imported():
     from tests.conftest import GOLDEN
 
     data = np.load(GOLDEN / "dit.npz")
@@ -128,7 +128,8 @@ def imported(golden_dir=None):
 def test_weight_inheritance_takes_everything_but_attention(imported):
     config, sd, params, rest = imported
     converted = dit.params_from_torch(sd, config.model.depth)
-    np.testing.assert_array_equal(params["blocks"][0]["mlp"]["fc1"]["kernel"], converted["blocks"][0]["mlp"]["fc1"]["kernel"])
+    np.testing.assert_array_equal(params["blocks"][0]["mlp"]["fc1"]["kernel"],
+                                  converted["blocks"][0]["mlp"]["fc1"]["kernel"])
     np.testing.assert_array_equal(params["final_layer"]["linear"]["bias"], sd["final_layer.linear.bias"])
     fresh_qkv = params["blocks"][0]["attn"]["qkv"]["kernel"]
     assert fresh_qkv.shape == converted["blocks"][0]["attn"]["qkv"]["kernel"].shape
