@@ -401,9 +401,9 @@ def restore_latest(manager: Checkpoints, abstract_state, data_iter=None, *, conf
             if data_iter is not None:
                 imported = manifest is not None and not manifest.get("data_iter", True)
                 if imported:
-                    print(f"checkpoint at step {step} has no data-iterator state (it was imported, "
-                          f"{manifest.get('imported') and 'by trainers.convert' or 'saved without it'}); "
-                          "the data starts at the first batch", flush=True)
+                    how = "imported by trainers.convert" if manifest.get("imported") else "saved without one"
+                    print(f"checkpoint at step {step} has no data-iterator state ({how}); the data starts at "
+                          "the first batch", flush=True)
                 elif not (step_dir / DATA_ITER).is_dir():
                     raise _Damage(f"{step_dir / DATA_ITER} is missing (the data-iterator state); resuming "
                                   "without it would replay the data from the first batch")
