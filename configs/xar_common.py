@@ -27,9 +27,9 @@ ENTITIES = ("token", "cell", "subsample", "scale", "image")
 # The demo KL-VAE's workdir and latent cache (the paths of the pipeline above).
 DEMO_TOKENIZER_WORKDIR = "workdirs/kl_vae_demo"
 DEMO_LATENTS = "data_cache/mnist_kl_vae_demo"
-# 1 / std of the demo KL-VAE's posterior samples on the digits (LDM's scale_by_std, measured once with
-# the latent cache's metadata "latent_std"), so the flow starts from unit-variance latents.
-DEMO_LATENT_SCALE = 1.0
+# 1 / std of the demo KL-VAE's posterior samples on the digits (LDM's scale_by_std: trainers.cache_latents
+# measured latent_std 1.188 for configs/kl_vae_f16.py:demo), so the flow sees unit-variance latents.
+DEMO_LATENT_SCALE = 0.84
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
