@@ -17,7 +17,8 @@ What is computed:
                             ``dataset_images``
   Domain metrics (eval/domain.py, the embedded MNIST demo), when ``dataset_images`` is given or ``ref``
   holds ``domain_mu``/``domain_sigma``: ``mnist_fid`` ("MNIST-feature FID"), ``mnist_is``
-  ("MNIST-classifier IS"). Pass ``domain=False`` to skip them (e.g. for ImageNet).
+  ("MNIST-classifier IS") and, given ``labels``, ``mnist_class_acc`` (class-conditional accuracy).
+  Pass ``domain=False`` to skip them (e.g. for ImageNet).
 
 Reference features computed from images are cached in-process (keyed by content),
 so a training loop that calls ``evaluate`` periodically pays for them once.
@@ -85,8 +86,12 @@ def reference_from_images(images: np.ndarray, *, inception_weights: str | None,
 
 def evaluate(images: np.ndarray, *, ref: str | None = None, inception_weights: str | None = None,
              dataset_images: np.ndarray | None = None, resize: str = resize_lib.DEFAULT,
-             domain: bool | None = None, batch_size: int = 200, progress: bool = False) -> dict[str, float]:
+             domain: bool | None = None, batch_size: int = 200, progress: bool = False,
+             labels: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of generated ``images`` ((n, h, w, 1 or 3) uint8 in [0, 255]); see the module docstring.
+
+    ``labels``: the class each image was sampled for ((n,) ints); adds the domain metric
+    ``mnist_class_acc`` (class-conditional accuracy, eval/domain.py).
 
     ``ref``: a reference ``.npz`` (ADM batch, pytorch-fid stats, MeanFlow ref_mu/ref_sigma, or ours from
     ``python -m eval.make_ref``). ``dataset_images``: real images to build the reference from when
@@ -143,7 +148,7 @@ def evaluate(images: np.ndarray, *, ref: str | None = None, inception_weights: s
                              "(python -m eval.make_ref --domain)")
         from eval import domain as domain_lib
 
-        out.update(domain_lib.scores(images, refs.domain_mu, refs.domain_sigma))
+        out.update(domain_lib.scores(images, refs.domain_mu, refs.domain_sigma, labels=labels))
     return {k: float(v) for k, v in out.items()}
 
 

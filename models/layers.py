@@ -161,6 +161,113 @@ def attention_weights_and_values(q, k, v, mask=None, dropout_rate: float = 0.0, 
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(jnp.float32)).astype(v.dtype)
 
 
+# ----------------------------------------------------------------------------- fused attention kernels
+# config.model.attention_impl: "xla" is the reference above (float32 softmax, any mask, dropout);
+# "cudnn" is jax.nn.dot_product_attention's cuDNN flash attention (GPU, bfloat16/float16 only; the
+# boolean mask becomes a bias); "pallas" is the Pallas splash-attention kernel (TPU; a static numpy
+# mask is compiled into the kernel's block-sparsity, a traced mask is read per block); "auto" picks
+# cudnn on GPU for half-precision compute, pallas on TPU, xla otherwise. Off their backend, "pallas"
+# runs in Pallas interpret mode (slow; for checking values) and "cudnn" fails at trace time.
+# Attention-weight dropout (training) always takes the xla path: the kernels do not take it.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+
+
+def resolve_attention_impl(impl: str, dtype, backend: str | None = None) -> str:
+    """The concrete implementation ("xla" | "cudnn" | "pallas") of ``impl`` for a compute dtype."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}: must be one of {ATTENTION_IMPLS}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    if backend == "tpu":
+        return "pallas"
+    return "xla"
+
+
+def _nn_attention(q, k, v, mask, implementation: str):
+    """jax.nn.dot_product_attention on our (B, H, N, d) layout (it takes (B, N, H, d))."""
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    out = jax.nn.dot_product_attention(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), mask=mask,
+                                       implementation=implementation)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+SPLASH_LANES = 128  # splash attention's block lengths are multiples of the TPU lane width
+# Run the Pallas kernel in interpret mode: None = unless the default backend is a TPU (set False to
+# lower the real TPU kernel from another host, e.g. ``.lower(lowering_platforms=("tpu",))``).
+PALLAS_INTERPRET: bool | None = None
+
+
+def _splash_block(n: int) -> int:
+    return next(block for block in (512, 256, 128) if n % block == 0)
+
+
+def _splash_attention(q, k, v, mask, kv_valid=None):
+    """Pallas splash attention (TPU; interpret mode elsewhere) on (B, H, N, d).
+
+    ``mask``: a static numpy (Nq, Nk) or (1 or H, Nq, Nk) mask, compiled into the kernel's block
+    sparsity; ``kv_valid`` (Nk,): traced per-key validity (the KV cache's filled slots), passed as
+    segment ids (query segment 1, key segment 1 if valid else 0). Lengths that are not a multiple of
+    128 are padded: padded keys are invalid, padded queries (sliced off) attend to every valid key.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    pq, pk = -nq % SPLASH_LANES, -nk % SPLASH_LANES
+    if mask is None:
+        mask = np.ones((nq, nk), bool)
+    if not isinstance(mask, np.ndarray):
+        raise ValueError("attention_impl='pallas' needs a static (numpy) mask; pass the traced per-key "
+                         "validity of a KV cache as kv_valid")
+    m = mask.astype(bool)
+    if m.ndim == 4:
+        if m.shape[0] != 1:
+            raise ValueError(f"pallas attention: the mask {m.shape} must not depend on the batch")
+        m = m[0]
+    m = np.pad(np.broadcast_to(m, (h, nq, nk)), ((0, 0), (0, pq), (0, 0)), constant_values=True)
+    m = np.pad(m, ((0, 0), (0, 0), (0, pk)))
+    valid = jnp.ones((nk,), bool) if kv_valid is None else jnp.asarray(kv_valid, bool)
+    segments = splash.SegmentIds(q=jnp.ones((nq + pq,), jnp.int32),
+                                 kv=jnp.pad(valid, (0, pk)).astype(jnp.int32))
+    if pq or pk:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, pq), (0, 0)))
+        k, v = (jnp.pad(a, ((0, 0), (0, 0), (0, pk), (0, 0))) for a in (k, v))
+    kernel_mask = splash_mask.MultiHeadMask([splash_mask.NumpyMask(np.ascontiguousarray(m[i])) for i in range(h)])
+    bq, bkv = _splash_block(nq + pq), _splash_block(nk + pk)
+    blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                               block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    kernel = splash.make_splash_mha(kernel_mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                    interpret=(jax.default_backend() != "tpu" if PALLAS_INTERPRET is None
+                                               else PALLAS_INTERPRET))
+    dtype = v.dtype
+    q = (q.astype(jnp.float32) * d ** -0.5).astype(dtype)  # splash does not scale the scores
+    out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q, k.astype(dtype), v)
+    return out[:, :, :nq].astype(dtype)
+
+
+def dot_product_attention(q, k, v, mask=None, *, kv_valid=None, impl: str = "xla", dropout_rate: float = 0.0,
+                          dropout_rng=None):
+    """Softmax attention through ``impl`` (see ATTENTION_IMPLS). q (B, H, Nq, d), k/v (B, H, Nk, d);
+    ``mask`` (Nq, Nk) or broadcastable to (B, H, Nq, Nk), True = attend (a numpy mask stays static);
+    ``kv_valid`` (Nk,) bool: keys that exist (e.g. the filled slots of a KV cache), for every query."""
+    impl = resolve_attention_impl(impl, q.dtype)
+    if impl == "pallas" and not (dropout_rate > 0.0 and dropout_rng is not None):
+        return _splash_attention(q, k, v, mask, kv_valid)
+    if kv_valid is not None:
+        valid = jnp.asarray(kv_valid, bool)[None, :]
+        mask = valid if mask is None else jnp.asarray(mask) & valid
+    if impl == "xla" or (dropout_rate > 0.0 and dropout_rng is not None):
+        return attention_weights_and_values(q, k, v, None if mask is None else jnp.asarray(mask), dropout_rate,
+                                            dropout_rng)
+    return _nn_attention(q, k, v, mask, "cudnn")
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention (timm's Attention: fused qkv with bias, output projection).
 
@@ -174,12 +281,16 @@ class Attention(nnx.Module):
     attend over the whole buffer (the caller's ``mask`` hides unwritten slots); ``return_kv=True``
     then returns the updated buffers (gpt-fast's KVCache.update, as LlamaGen).
     ``proj_bias``: bias on the output projection (LlamaGen's ``wo`` has none).
+    ``attention_impl``: the softmax-attention kernel (ATTENTION_IMPLS; "xla" = the float32 reference).
+    ``kv_valid``: optional (keys,) bool over the attended keys (cache then new tokens): which exist.
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
-                 qk_norm: bool = False, proj_bias: bool = True, dtype=jnp.float32):
+                 qk_norm: bool = False, proj_bias: bool = True, dtype=jnp.float32, attention_impl: str = "xla"):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        resolve_attention_impl(attention_impl, dtype)  # fail on an unknown name at build time
+        self.attention_impl = attention_impl
         self.num_heads = num_heads
         self.qkv = dense(dim, 3 * dim, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
         self.proj = dense(dim, dim, ("heads", "embed"), use_bias=proj_bias, rngs=rngs, dtype=dtype)
@@ -187,7 +298,8 @@ class Attention(nnx.Module):
         self.k_norm = LayerNorm(dim // num_heads) if qk_norm else None
 
     def __call__(self, x: jax.Array, *, mask=None, rope: Callable | None = None, kv_cache=None,
-                 return_kv: bool = False, dropout_rate: float = 0.0, dropout_rng=None, cache_index=None):
+                 return_kv: bool = False, dropout_rate: float = 0.0, dropout_rng=None, cache_index=None,
+                 kv_valid=None):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, H, N, d)
@@ -204,7 +316,8 @@ class Attention(nnx.Module):
         elif kv_cache is not None:
             k = jnp.concatenate([kv_cache[0], k], axis=2)
             v = jnp.concatenate([kv_cache[1], v], axis=2)
-        out = attention_weights_and_values(q, k, v, mask, dropout_rate, dropout_rng)
+        out = dot_product_attention(q, k, v, mask, kv_valid=kv_valid, impl=self.attention_impl,
+                                    dropout_rate=dropout_rate, dropout_rng=dropout_rng)
         out = self.proj(jnp.moveaxis(out, 1, 2).reshape(b, n, c))
         return (out, new_kv) if return_kv else out
 

@@ -190,45 +190,20 @@ class GatedMlp(nnx.Module):
 WeightedRMSNorm = layers.RMSNorm
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation)."""
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
-class DropoutAttention(layers.Attention):
-    """The zoo's attention plus dropout on the attention weights (upstream SDPA ``dropout_p`` in training)."""
-
-    def __call__(self, x, *, mask=None, rope=None, kv_cache=None, return_kv=False, rate=0.0, rng=None):
-        if rng is None or rate == 0.0:
-            return super().__call__(x, mask=mask, rope=rope, kv_cache=kv_cache, return_kv=return_kv)
-        if kv_cache is not None or return_kv:
-            raise ValueError("attention dropout is a training-time op; the KV cache is for sampling")
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, H, N, d)
-        if rope is not None:
-            q, k = rope(q, k)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32) * q.shape[-1] ** -0.5, k.astype(jnp.float32))
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = dropout(jax.nn.softmax(logits, axis=-1), rate, rng)
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(jnp.float32)).astype(v.dtype)
-        return self.proj(jnp.moveaxis(out, 1, 2).reshape(b, n, c))
+dropout = layers.dropout  # inverted dropout; the identity without an rng (evaluation)
 
 
 class Block(nnx.Module):
     """RMSNorm -> modulated attention / GELU-gated MLP, each scaled by its own gamma (upstream Block)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype):
-        self.attn = DropoutAttention(dim, num_heads, rngs=rngs, dtype=dtype)
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype,
+                 attention_impl: str = "xla"):
+        self.attn = layers.Attention(dim, num_heads, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
         self.mlp = GatedMlp(dim, int(dim * mlp_ratio * 2 / 3), rngs=rngs, dtype=dtype)
         # VAR-style adaLN, not zero-initialised (upstream initialises every Linear xavier-uniform).
         self.ada_lin = layers.dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, cond, row_entity, *, mask, rope, kv_cache=None, return_kv=False,
+    def __call__(self, x, cond, row_entity, *, mask, rope, kv_cache=None, kv_valid=None, return_kv=False,
                  attn_dropout=0.0, proj_dropout=0.0, dropout_rng=None):
         """x (B, n, D); cond (B, e, D) one row per entity; row_entity (n,) which row each token uses.
 
@@ -239,7 +214,8 @@ class Block(nnx.Module):
         ada = jnp.take(self.ada_lin(nnx.silu(cond)), row_entity, axis=1)  # per entity, then broadcast
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada.astype(x.dtype), 6, axis=-1)
         attn = self.attn(layers.rms_norm(x) * (1 + scale1) + shift1, mask=mask, rope=rope, kv_cache=kv_cache,
-                         return_kv=return_kv, rate=attn_dropout, rng=rngs[0])
+                         kv_valid=kv_valid,
+                         return_kv=return_kv, dropout_rate=attn_dropout, dropout_rng=rngs[0])
         attn, new_kv = attn if return_kv else (attn, None)
         x = x + dropout(attn, proj_dropout, rngs[1]) * gamma1
         mlp = self.mlp(layers.rms_norm(x) * (1 + scale2) + shift2, proj_dropout, rngs[2])
@@ -254,7 +230,7 @@ class XARNet(nnx.Module):
     def __init__(self, *, layout: Layout, token_dim: int, hidden_size: int, encoder_depth: int,
                  decoder_depth: int, num_heads: int, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  class_dropout_prob: float = 0.1, attn_dropout: float = 0.0, proj_dropout: float = 0.0,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla"):
         head_dim = hidden_size // num_heads
         if hidden_size % num_heads or head_dim % 4:
             raise ValueError(f"hidden_size={hidden_size} / num_heads={num_heads} must give a head dim divisible "
@@ -274,14 +250,14 @@ class XARNet(nnx.Module):
         pos_init = nnx.initializers.normal(0.02)
         self.encoder_pos_embed = nnx.Param(pos_init(rngs.params(), (n, hidden_size)),
                                            out_sharding=("position", "embed"))
-        self.encoder_blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
-                                        for _ in range(encoder_depth)])
+        self.encoder_blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs, dtype=dtype,
+                                              attention_impl=attention_impl) for _ in range(encoder_depth)])
         self.encoder_norm = WeightedRMSNorm(hidden_size)
         self.decoder_embed = layers.dense(hidden_size, hidden_size, ("embed", "embed"), rngs=rngs, dtype=dtype)
         self.decoder_pos_embed = nnx.Param(pos_init(rngs.params(), (n, hidden_size)),
                                            out_sharding=("position", "embed"))
-        self.decoder_blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
-                                        for _ in range(decoder_depth)])
+        self.decoder_blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs, dtype=dtype,
+                                              attention_impl=attention_impl) for _ in range(decoder_depth)])
         self.decoder_norm = WeightedRMSNorm(hidden_size)
         self.pred = layers.dense(hidden_size, token_dim, ("embed", "channels"), rngs=rngs, dtype=dtype)
         self.head_dim = head_dim
@@ -314,12 +290,22 @@ class XARNet(nnx.Module):
         if token_index is None:
             token_index = np.arange(layout.num_tokens)
             row_entity = layout.entity_of_token
-        entity = jnp.take(jnp.asarray(layout.entity_of_token), jnp.asarray(token_index))
+        # The mask stays static (numpy) wherever it can, so a fused kernel (attention_impl="pallas") compiles
+        # its block sparsity in; a KV cache's filled slots are the traced per-key ``kv_valid``.
+        if isinstance(token_index, np.ndarray):
+            entity = layout.entity_of_token[token_index]
+        elif isinstance(row_entity, np.ndarray):  # a cached call: its rows' entities are ordered as row_entity
+            entity = row_entity
+        else:
+            entity = jnp.take(jnp.asarray(layout.entity_of_token), jnp.asarray(token_index))
         mask = entity[:, None] >= entity[None, :]
+        all_valid = None
         if kv_cache is not None:
             m = kv_cache[0][0].shape[2]
-            valid = jnp.ones((m,), bool) if kv_valid is None else kv_valid
-            mask = jnp.concatenate([jnp.broadcast_to(valid[None], (mask.shape[0], m)), mask], axis=1)
+            xp = np if isinstance(mask, np.ndarray) else jnp
+            mask = xp.concatenate([xp.ones((mask.shape[0], m), bool), mask], axis=1)
+            if kv_valid is not None:
+                all_valid = jnp.concatenate([jnp.asarray(kv_valid, bool), jnp.ones((mask.shape[0],), bool)])
         cos, sin = (jnp.take(jnp.asarray(table), jnp.asarray(token_index), axis=0)
                     for table in layout.rope(self.head_dim))
 
@@ -338,7 +324,8 @@ class XARNet(nnx.Module):
                 h = self.decoder_embed(self.encoder_norm(h))
                 h = h + jnp.take(self.decoder_pos_embed[...], jnp.asarray(token_index), axis=0).astype(h.dtype)
             h, kv = block(h, cond, row_entity, mask=mask, rope=rope,
-                          kv_cache=None if kv_cache is None else kv_cache[i], return_kv=return_kv,
+                          kv_cache=None if kv_cache is None else kv_cache[i], kv_valid=all_valid,
+                          return_kv=return_kv,
                           attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
                           dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
             h = constrain(h, ("act_batch", "act_len", "act_embed"))
@@ -427,6 +414,9 @@ class XAR(Method):
         if m.hidden_size % m.num_heads or (m.hidden_size // m.num_heads) % 4:
             raise ValueError(f"config.model.hidden_size={m.hidden_size} / config.model.num_heads={m.num_heads} "
                              "must give a head dim divisible by 4 (2-D RoPE)")
+        if m.get("attention_impl", "xla") not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"config.model.attention_impl={m.attention_impl!r}: must be one of "
+                             f"{layers.ATTENTION_IMPLS}")
         for field in ("attn_dropout", "proj_dropout", "class_dropout_prob"):
             if not 0.0 <= m[field] < 1.0:
                 raise ValueError(f"config.model.{field}={m[field]}: must be in [0, 1)")
@@ -449,7 +439,7 @@ class XAR(Method):
                       encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth, num_heads=m.num_heads,
                       mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
                       attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, rngs=rngs,
-                      dtype=jnp.dtype(self.config.compute_dtype))
+                      dtype=jnp.dtype(self.config.compute_dtype), attention_impl=m.get("attention_impl", "xla"))
 
     def to_tokens(self, model: XARNet, x: jax.Array) -> jax.Array:
         """(B, H, W, C) image or latent -> (B, N, p*p*C) token sequence."""
