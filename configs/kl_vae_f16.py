@@ -98,4 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every = 50
         c.checkpoint_every = 300
         c.sample_every = 300
+        # Reconstructions (grids, and a paired generator's decoding: trainers/decode.py) use the raw
+        # generator params, as LDM's autoencoders have no EMA; 600 steps are too few for a 0.9999 EMA.
+        c.sample.use_ema = False
     return c

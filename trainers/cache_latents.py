@@ -10,8 +10,8 @@ horizontal flip, what the tokenizer's ``encode`` returns (trainers/decode.py con
 KL-VAE the posterior *moments*, as MAR's ``main_cache.py`` does, so a generator draws a fresh
 posterior sample and a random flip every step. The tokenizer is a zoo workdir
 (``--tokenizer_workdir``: any method with ``kind == "tokenizer"``, trained with trainers.main or
-imported with trainers.convert; its EMA params and its config's data unless ``--set data.x=y``
-or ``--npz``) or a published checkpoint (``--weights``, ``--weights_kind`` kl16 | sd_vae, and
+imported with trainers.convert; its EMA or raw params as its ``config.sample.use_ema`` says unless
+``--params=ema|raw``, and its config's data unless ``--set data.x=y`` or ``--npz``) or a published checkpoint (``--weights``, ``--weights_kind`` kl16 | sd_vae, and
 ``--config`` describing its network). The batch is sharded over all devices; each process
 writes its own ArrayRecord file. Layout and reading: trainers/latents.py.
 
@@ -202,8 +202,9 @@ def _load_published(config, weights: str, kind: str):
     return kl_vae.IMPORTERS[kind](kl_vae.load_state_dict(weights), config)
 
 
-def load_workdir_tokenizer(workdir: str, mesh, *, use_ema: bool = True):
-    """(config, params, rest) of a zoo tokenizer's workdir (newest checkpoint)."""
+def load_workdir_tokenizer(workdir: str, mesh, *, use_ema: bool | None = None):
+    """(config, params, rest) of a zoo tokenizer's workdir (newest checkpoint): its EMA or raw params
+    (``use_ema``; None = the workdir config's ``sample.use_ema``, what its reconstruction grids use)."""
     from trainers import checkpoint, decode
     from trainers.method import ModelDef, get_method
 
@@ -212,6 +213,8 @@ def load_workdir_tokenizer(workdir: str, mesh, *, use_ema: bool = True):
     if method.kind != "tokenizer":
         raise ValueError(f"--tokenizer_workdir={workdir!r} holds a {config.model.name!r} run (a {method.kind}), "
                          "not a tokenizer")
+    if use_ema is None:
+        use_ema = bool(config.sample.get("use_ema", True))
     _, params, rest = decode.restore_params(workdir, ModelDef(method), mesh, use_ema=use_ema)
     return config, params, rest
 
@@ -228,6 +231,8 @@ def main(argv):
     flags.DEFINE_string("weights_kind", "kl16", "published checkpoint layout: kl16 | sd_vae")
     flags.DEFINE_string("npz", "", "encode a uint8 NHWC .npz ('images', optional 'labels') instead of config.data")
     flags.DEFINE_integer("batch_size", 64, "global encoding batch size")
+    flags.DEFINE_enum("params", "auto", ["auto", "ema", "raw"],
+                      "--tokenizer_workdir params: auto = as its config.sample.use_ema says (what its grids show)")
     flags.DEFINE_multi_string("set", None, "override a field of the tokenizer config: --set data.name=folder")
     config_flags.DEFINE_config_file("config", None, "tokenizer config (configs/kl_vae_f16.py, configs/sd_vae.py)")
     flags.FLAGS(argv)
@@ -236,7 +241,8 @@ def main(argv):
         raise SystemExit("pass exactly one of --tokenizer_workdir (a zoo tokenizer) and --weights (a published file)")
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     if F.tokenizer_workdir:
-        config, params, rest = load_workdir_tokenizer(F.tokenizer_workdir, mesh)
+        use_ema = {"ema": True, "raw": False}.get(F.params)
+        config, params, rest = load_workdir_tokenizer(F.tokenizer_workdir, mesh, use_ema=use_ema)
     else:
         config = F.config
         if config is None:
