@@ -59,7 +59,11 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         cell_size=8,  # X = cell: k x k tokens (upstream: 8x8 cells, 4 of them on the 16x16 grid)
         subsample_stride=2,  # X = subsample: entity (a, b) = tokens (a + 2i, b + 2j), 4 entities of 64
         scales=(1, 2, 4, 8, 16),  # X = scale: coarse-to-fine resolutions, the last = the grid
+        # softmax-attention kernel (models/layers.py ATTENTION_IMPLS): auto = cuDNN flash on GPU with
+        # bfloat16 compute, Pallas splash on TPU, the XLA reference otherwise
+        attention_impl="auto",
     ))
+    c.compute_dtype = "bfloat16"  # accelerator runs: bf16 compute; params, AdamW state and norms stay f32
     # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_xar.py), flips cached;
     # samples are decoded by the same KL-16 (config.tokenizer.weights = MAR's kl16.ckpt).
     common.imagenet256_latents(c, "data_cache/imagenet2012_256_mar_kl16", 0.2325, tokenizer="kl16")
@@ -90,6 +94,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
                        encoder_depth=2, decoder_depth=2, num_heads=4, cell_size=4, subsample_stride=2,
                        scales=(1, 2, 4, 8), attn_dropout=0.0, proj_dropout=0.0)
         common.embedded_demo_data(c, image_size=32)
+        c.compute_dtype = "float32"  # CPU: float32 is the fast path there
         c.batch_size = 64
         c.num_steps = 1500
         c.optim.lr = 1e-3
