@@ -1,4 +1,4 @@
-"""TokenBridge-B (upstream tokenbridge_base). Variants: demo, demo_latents (configs/tokenbridge_common.py).
+"""TokenBridge-B (upstream tokenbridge_base). Variants: demo, demo,latent (configs/tokenbridge_common.py).
 
     python -m trainers.main --config=configs/tokenbridge_b.py --workdir=DIR --config.tokenizer.weights=kl16.ckpt
 """

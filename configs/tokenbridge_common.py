@@ -6,10 +6,10 @@ Variants (comma-separated):
   KL-16 (``--config.tokenizer.weights=kl16.ckpt``);
 * "demo": pixel space on the embedded MNIST digits on a laptop CPU: 32x32x1, patch 4 -> an 8x8 grid of
   16-dimensional tokens (the channel AR runs over the 16 pixels of a patch);
-* "demo_latents": the embedded digits as latents of the zoo's demo KL-VAE (configs/kl_vae_f16.py:demo,
-  8x8x4 latents, patch 2 -> a 4x4 grid of 16-dimensional tokens): first train that VAE and cache its
-  latents (trainers/cache_latents.py), then point ``--config.data.latents`` and
-  ``--config.tokenizer.workdir`` at them.
+* "demo,latent": the same digits in the latent space of the zoo's demo KL-VAE (configs/kl_vae_f16.py:demo,
+  8x8x4 latents, patch 2 -> a 4x4 grid of 16-dimensional tokens), read from its latent cache and decoded by
+  it; the pipeline of configs/xar_common.py (train the VAE, cache its latents), then
+  ``python -m trainers.main --config=configs/tokenbridge_b.py:demo,latent --workdir=workdirs/tokenbridge_latent``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs.xar_common import DEMO_LATENT_SCALE, DEMO_LATENTS, DEMO_TOKENIZER_WORKDIR
 
 # encoder / decoder (width, depth, heads) and channel AR (width, depth, heads): upstream
 # tokenbridge_base / tokenbridge_large / tokenbridge_huge.
@@ -33,16 +34,17 @@ EPOCHS = {"B": 400, "L": 400, "H": 800}
 CHANNEL_ORDER = (8, 1, 10, 9, 6, 12, 4, 0, 3, 11, 7, 14, 2, 15, 13, 5)  # models/tokenbridge.py CHANNEL_ORDER
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-VARIANTS = ("demo", "demo_latents")
+VARIANTS = ("demo", "latent")
 
 
 def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     variants = [a for a in (arg or "").split(",") if a]
     for v in variants:
         if v not in VARIANTS:
-            raise ValueError(f"unknown TokenBridge config variant {v!r}; use one of {VARIANTS}")
-    if len(variants) > 1:
-        raise ValueError(f"TokenBridge config variants {variants}: pick one of {VARIANTS}")
+            raise ValueError(f"unknown TokenBridge config variant {v!r}; use demo and optionally latent")
+    if "latent" in variants and "demo" not in variants:
+        raise ValueError("TokenBridge config variant 'latent' goes with 'demo' (the embedded digits' latent "
+                         "pipeline); ImageNet configs are latent already")
     (enc, enc_depth, enc_heads), (dec, dec_depth, dec_heads), (ch, ch_depth, ch_heads) = SIZES[size]
     c = common.base()
     c.model = ml_collections.ConfigDict(dict(
@@ -84,7 +86,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.sample.cfg_schedule = "linear"  # "linear" (upstream, on the next step's masked count) | "constant"
     c.sample.use_cache = True  # KV cache in the 16-step channel AR (same samples as without, faster)
     c.sample_batch_size = 256  # upstream eval_bsz
-    if variants == ["demo"]:
+    if "demo" in variants and "latent" not in variants:
         c.model.update(input_size=32, patch_size=4, in_channels=1, num_classes=10,
                        encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
                        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
@@ -95,15 +97,15 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
                        channel_order=tuple(range(16)))  # the 4x4 pixels of a patch, row-major
         common.embedded_demo_data(c, image_size=32)
         _demo_training(c)
-    elif variants == ["demo_latents"]:
+    elif "demo" in variants:
         c.model.update(input_size=8, patch_size=2, in_channels=4, num_classes=10,
                        encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
                        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
                        channel_embed_dim=64, channel_depth=2, channel_heads=4, buffer_size=16,
                        attn_dropout=0.0, proj_dropout=0.0, channel_order=tuple(range(16)))
         common.embedded_demo_data(c, image_size=32)
-        c.data.latents = "data_cache/mnist_embedded_kl_vae_demo"  # trainers/cache_latents.py output
-        common.paired_tokenizer(c, "workdir", 1.0, workdir="workdirs/kl_vae_demo")
+        c.data.latents = DEMO_LATENTS  # trainers/cache_latents.py output of the demo KL-VAE
+        common.paired_tokenizer(c, "workdir", DEMO_LATENT_SCALE, workdir=DEMO_TOKENIZER_WORKDIR)
         _demo_training(c)
     return c
 

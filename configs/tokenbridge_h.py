@@ -1,4 +1,4 @@
-"""TokenBridge-H (upstream tokenbridge_huge). Variants: demo, demo_latents (configs/tokenbridge_common.py).
+"""TokenBridge-H (upstream tokenbridge_huge). Variants: demo, demo,latent (configs/tokenbridge_common.py).
 
     python -m trainers.main --config=configs/tokenbridge_h.py --workdir=DIR --config.tokenizer.weights=kl16.ckpt
 """

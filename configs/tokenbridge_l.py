@@ -1,4 +1,4 @@
-"""TokenBridge-L (upstream tokenbridge_large). Variants: demo, demo_latents (configs/tokenbridge_common.py).
+"""TokenBridge-L (upstream tokenbridge_large). Variants: demo, demo,latent (configs/tokenbridge_common.py).
 
     python -m trainers.main --config=configs/tokenbridge_l.py --workdir=DIR --config.tokenizer.weights=kl16.ckpt
 """

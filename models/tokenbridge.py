@@ -606,10 +606,11 @@ class TokenBridge(Method):
                use_cache: bool | None = None) -> jax.Array:
         """Class-conditional samples (B, H, W, C) in the data's space: dequantised latents (or pixels)."""
         s = self.config.sample
+        pick = lambda given, default: default if given is None else given  # noqa: E731
         indices = sample_tokens(
-            model, rng, labels, num_iter=num_steps or s.num_steps, cfg=s.cfg_scale if cfg_scale is None else cfg_scale,
-            cfg_schedule=cfg_schedule or s.cfg_schedule, temperature=s.temperature if temperature is None else temperature,
-            use_cache=s.use_cache if use_cache is None else use_cache)
+            model, rng, labels, num_iter=num_steps or s.num_steps, cfg=pick(cfg_scale, s.cfg_scale),
+            cfg_schedule=cfg_schedule or s.cfg_schedule, temperature=pick(temperature, s.temperature),
+            use_cache=pick(use_cache, s.use_cache))
         return self.from_tokens(model.quantizer.dequantize(indices))
 
 
@@ -742,7 +743,7 @@ def _fixture_model(meta, buffers) -> TokenBridgeNet:
 
 def _jitted(fn, model):
     graphdef, state = nnx.split(model)
-    compiled = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a), static_argnums=())
+    compiled = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))
     return lambda *a: compiled(state, *a)
 
 

@@ -84,6 +84,9 @@ def test_configs_carry_upstream_settings_and_validation_names_fields():
     config.model.channel_order = (0, 1, 2)
     with pytest.raises(ValueError, match="config.model.channel_order"):
         get_method(config).validate_config(config)
+    latent = tokenbridge_b.get_config("demo,latent")  # the demo KL-VAE's 8x8x4 latents, patch 2
+    get_method(latent).validate_config(latent)
+    assert latent.tokenizer.kind == "workdir" and latent.model.in_channels * latent.model.patch_size ** 2 == 16
     config = tokenbridge_b.get_config("demo")
     config.sample.cfg_schedule = "cosine"
     with pytest.raises(ValueError, match="config.sample.cfg_schedule"):
@@ -277,7 +280,40 @@ def test_sharded_mesh_matches_one_device(tmp_path):
     report = json.loads(proc.stdout.split("REPORT ", 1)[1].splitlines()[0])
     np.testing.assert_allclose(report["losses_sharded"], report["losses_single"], rtol=1e-5)
     assert len(report["losses_sharded"]) == 5
-    assert report["max_param_rel_diff"] <= 1e-5, report
     assert report["tree_rel_diff"] <= 1e-5, report
+    # The key part of a qkv bias has a zero gradient (softmax is shift-invariant per query): Adam turns its
+    # reduction-order noise into steps of up to lr, so such a leaf is bounded by the learning rate instead.
+    key_bias = report["worst_param"].endswith("['attn']['qkv']['bias']")
+    assert report["max_param_rel_diff"] <= (5 * 1e-3 if key_bias else 1e-5), report
     assert report["wrong_specs"] == [], report
     assert "fsdp" in report["axes_used"] and "tensor" in report["axes_used"], report
+
+
+@pytest.mark.slow
+def test_upstream_checkpoint_imports_and_samples_images(tmp_path):
+    """An upstream-layout checkpoint-last.pth ({"model", "model_ema", ...}; random weights of the fixture's
+    sizes) -> ``convert import tokenbridge`` -> ``trainers.sample`` decoded through a published-layout KL-16."""
+    torch = pytest.importorskip("torch")
+    save = lambda obj, path: torch.save(jax.tree.map(lambda a: torch.from_numpy(np.ascontiguousarray(a)), obj),
+                                        str(path))  # noqa: E731
+    _, vae, _, _, _ = convert.load_fixture(GOLDEN / "kl16_vae.npz")
+    save({"model": {**vae, "loss.logvar": np.zeros((), np.float32)}}, tmp_path / "kl16.ckpt")
+    meta, params, buffers, _, _ = convert.load_fixture(GOLDEN / "tokenbridge_head.npz")
+    ema = {**params, **buffers}
+    raw = {k: v + np.float32(0.05) if k in params else v for k, v in ema.items()}  # not what is sampled
+    save({"model": raw, "model_ema": ema, "epoch": np.zeros((), np.int64)}, tmp_path / "checkpoint-last.pth")
+    config = _fixture_config(meta)
+    config.sample_batch_size = 2
+    config.tokenizer.weights = str(tmp_path / "kl16.ckpt")
+    config.tokenizer.model.ch = json.loads((GOLDEN / "kl16_vae.json").read_text())["constructor"]["Encoder"]["ch"]
+    workdir = tmp_path / "w"
+    convert.import_checkpoint("tokenbridge", str(tmp_path / "checkpoint-last.pth"), str(workdir), config)
+    out = tmp_path / "s.npz"
+    run_python(["-m", "trainers.sample", f"--workdir={workdir}", "--num_samples=2", f"--out={out}", "--latents",
+                "--set=sample.num_steps=2"], timeout=900)
+    with np.load(out) as f:
+        images, latents = f["arr_0"], f["latents"]
+    assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8 and out.with_suffix(".png").exists()
+    assert latents.shape == (2, 16, 16, 16)  # generator space (x 0.2325), on the quantizer's grid
+    grid = tb.dimwise_quant.dequantization_values(np.asarray(buffers["reconstruction_values"]), -5.0, 5.0, 3.0)
+    assert np.isin(latents, grid).all()
