@@ -17,6 +17,8 @@ Implementation choices (the paper does not say; each is a config field, ``config
 
 * ``latent``: ``"kl"`` (default; MAETok's table lists TexTok's latent as KL): the head predicts
   2d channels (mean, log-variance), Z is a posterior sample, ``loss.kl_weight`` 1e-6; or ``"ae"``.
+  ``logvar_init``: the log-variance bias at init (0 = unit posterior noise, as LDM's KL-VAEs
+  start; short demo runs start it low so the tokens carry the image from the first steps).
 * ``pos_embed``: learned absolute embedding over the whole concatenated sequence (hw + N + N_t),
   one per encoder and decoder, init ``width**-0.5 * N(0, 1)`` (TiTok); ViT blocks as TiTok's
   (tokenizers/vit.py, pre-LN), ``ln_pre`` after the embedding and ``ln_post`` before the heads.
@@ -100,7 +102,7 @@ class TexTokEncoder(nnx.Module):
     """E: images (B, H, W, C) [+ text (B, N_t, D_t), mask] -> (B, N, 2d) moments ("kl") or (B, N, d) ("ae")."""
 
     def __init__(self, *, image_size, patch_size, in_channels, width, depth, num_heads, mlp_ratio, num_tokens,
-                 token_channels, latent, text_dim, text_length, rngs, dtype):
+                 token_channels, latent, text_dim, text_length, rngs, dtype, logvar_init=0.0):
         grid = image_size // patch_size
         self.num_patches, self.num_tokens = grid * grid, num_tokens
         self.patch_embed = vit.PatchEmbed(in_channels, width, patch_size, rngs=rngs, dtype=dtype)
@@ -109,8 +111,12 @@ class TexTokEncoder(nnx.Module):
         self.vit = TexTokViT(width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                              length=self.num_patches + num_tokens, text_length=text_length if text_dim else 0,
                              rngs=rngs, dtype=dtype)
+        # W_z. "kl": channels [mean (d); log-variance (d)]; the log-variance bias starts at logvar_init.
+        bias = (lambda key, shape, dtype=jnp.float32: jnp.concatenate(
+            [jnp.zeros((token_channels,), dtype), jnp.full((token_channels,), logvar_init, dtype)])) \
+            if latent == "kl" else layers.zeros
         self.head = layers.dense(width, token_channels * (2 if latent == "kl" else 1), ("embed", None),
-                                 rngs=rngs, dtype=dtype)  # W_z
+                                 bias_init=bias, rngs=rngs, dtype=dtype)
 
     def __call__(self, images, text=None, text_mask=None):
         p = self.patch_embed(images)
@@ -150,7 +156,8 @@ class TexTok(nnx.Module):
 
     def __init__(self, *, image_size, patch_size, channels, width, depth, num_heads, mlp_ratio=4.0,
                  decoder_width=None, decoder_depth=None, decoder_num_heads=None, num_tokens, token_channels=8,
-                 latent="kl", text_inject="both", text_dim=0, text_length=0, rngs: nnx.Rngs, dtype=jnp.float32):
+                 latent="kl", logvar_init=0.0, text_inject="both", text_dim=0, text_length=0, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
         if text_inject not in TEXT_INJECT:
             raise ValueError(f"text_inject={text_inject!r}: one of {TEXT_INJECT}")
         self.latent, self.text_inject, self.token_channels = latent, text_inject, token_channels
@@ -159,7 +166,7 @@ class TexTok(nnx.Module):
         self.encoder = TexTokEncoder(image_size=image_size, patch_size=patch_size, in_channels=channels, width=width,
                                      depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_tokens=num_tokens,
                                      token_channels=token_channels, latent=latent, text_dim=enc_text,
-                                     text_length=text_length, rngs=rngs, dtype=dtype)
+                                     text_length=text_length, rngs=rngs, dtype=dtype, logvar_init=logvar_init)
         self.decoder = TexTokDecoder(image_size=image_size, patch_size=patch_size, out_channels=channels,
                                      width=decoder_width or width, depth=decoder_depth or depth,
                                      num_heads=decoder_num_heads or num_heads, mlp_ratio=mlp_ratio,
@@ -196,7 +203,8 @@ def model_kwargs(config, text_shape=None) -> dict:
                 width=int(m.width), depth=int(m.depth), num_heads=int(m.num_heads), mlp_ratio=float(m.mlp_ratio),
                 decoder_width=int(m.get("decoder_width", 0)) or None, decoder_depth=int(m.get("decoder_depth", 0)) or None,
                 decoder_num_heads=int(m.get("decoder_num_heads", 0)) or None, num_tokens=int(m.num_tokens),
-                token_channels=int(m.token_channels), latent=m.latent, text_inject=m.text_inject,
+                token_channels=int(m.token_channels), latent=m.latent, logvar_init=float(m.get("logvar_init", 0.0)),
+                text_inject=m.text_inject,
                 text_dim=int(text_dim), text_length=int(text_length))
 
 
