@@ -297,7 +297,9 @@ def _fits(saved: dict, wanted: dict) -> bool:
 
 def _state_metadata(step_dir: Path):
     try:
-        md = ocp.StandardCheckpointer().metadata(step_dir / STATE)
+        from etils import epath
+
+        md = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / STATE))
     except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
         raise _Damage(f"{step_dir / STATE} has unreadable metadata ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
