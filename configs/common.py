@@ -41,7 +41,7 @@ def base() -> ml_collections.ConfigDict:
     c.tokenizer.kind = ""  # "" (pixel space) | "kl16" | "sd_vae" (published files) | "workdir" (a zoo tokenizer)
     c.tokenizer.weights = ""  # kinds kl16 / sd_vae: the published checkpoint file
     c.tokenizer.workdir = ""  # kind workdir: a zoo tokenizer's workdir (trainers.main or trainers.convert import)
-    c.tokenizer.use_ema = True  # kind workdir: decode with its EMA params
+    c.tokenizer.use_ema = True  # kind workdir: its EMA params if its own config.sample.use_ema; False: raw
     c.tokenizer.scale = 1.0  # generator space = tokenizer latent * scale (MAR KL-16 0.2325, SD-VAE 0.18215)
 
     # --- mesh (trainers/sharding.py): -1 fills with the remaining devices.

@@ -13,7 +13,8 @@ Contract (what a latent or discrete generator, and a zoo tokenizer, need to know
                "tokenizer"``).
   ``weights``  the published file (kinds ``kl16``, ``sd_vae``; see ``PUBLISHED`` for where).
   ``workdir``  the zoo tokenizer's workdir (kind ``workdir``); its newest checkpoint, EMA params
-               unless ``use_ema`` is False.
+               where the tokenizer's own ``config.sample.use_ema`` says so, unless ``use_ema`` is
+               False (raw params).
   ``scale``    generator space = tokenizer latent x ``scale`` (MAR KL-16: 0.2325; SD-VAE:
                0.18215); the latent cache reader (trainers/latents.py) multiplies by it, the
                pairing divides by it. 1.0 for discrete codes.
@@ -215,7 +216,10 @@ def load_tokenizer(config, mesh):
     method = get_method(tok)
     model_def = ModelDef(method)
     if t.kind == "workdir":
-        _, params, rest = restore_params(t.workdir, model_def, mesh, use_ema=bool(t.get("use_ema", True)))
+        # EMA params only where the tokenizer itself reconstructs with them (its config.sample.use_ema):
+        # e.g. the demo KL-VAE, like LDM's autoencoders, uses its raw params.
+        use_ema = bool(t.get("use_ema", True)) and bool(tok.sample.get("use_ema", True))
+        _, params, rest = restore_params(t.workdir, model_def, mesh, use_ema=use_ema)
         return method, model_def, params, rest
     from tokenizers import kl_vae
 
