@@ -1,0 +1,498 @@
+"""ReTok: a flexible 1D tokenizer with Redundant Token Padding and Hierarchical Semantic Regularization.
+
+Paper: Fu, Guo, Wang, Song, Liu, Wen, "Improving Flexible Image Tokenizers for Autoregressive Image
+Generation" (arXiv 2601.01535); code zfu006/ReTok (a GigaTok + LlamaGen fork:
+``tokenizer/tokenizer_image/vq/vq_vit_model.py`` ``VQVitModelPlus``, ``vq/blocks.py``). Its training
+code is not released; the training here follows the paper (notes: shared/methods/retok_*.md).
+
+Network (released code, GigaTok's hybrid tokenizer):
+
+* CNN encoder (LlamaGen VQGAN without attention) -> (B, g, g, z_channels) features S.
+* Q-Former ViT encoder (``s2to1encoder``): memory = ``encoder_embed(ln_pre(S))`` (tokens row-major)
+  with ``positional_embedding`` on its keys; the N = 256 queries are the *multi-level average pools*
+  of that memory (groups of 1, 1, 2, 4, ..., N/2 tokens, the grid splitting in width first), ordered
+  coarse to fine. **Redundant Token Padding**: the M = N - k_min = 224 queries ``queries[32:]`` are
+  copied and appended (480 queries), all pass through ``global_proj``; query positions are
+  ``[latent_token_positional_embedding (N); latent_token_positional_embedding_comp (M)]``.
+  DETR pre-norm Q-Former layers (tokenizers/vit.py ``QFormerLayer``), ``ln_post``, 1x1 ``conv_out``.
+* ``quant_conv`` (1x1) -> VQ over all 480 tokens (16384 x 8, l2-normalised codes, commitment 0.25,
+  the rotation trick; tokenizers/quantizers.py) -> ``post_quant_conv``.
+* Q-Former ViT decoder (``s1to2decoder``): memory = ``decoder_embed(ln_pre(tokens))`` truncated to
+  the first k (default N = 256) with key positions ``[pe; pe_comp][:k]``; the g*g 2-D queries are
+  the *first* token repeated, with ``positional_embedding`` as query_pos. After layer
+  ``distill_depth`` the query states go through ``distill_mlp`` (the HSR features); ``ln_post``,
+  reshape to (g, g), 3x3 ``conv_out`` to z_channels.
+* CNN decoder: adaptive GroupNorm before every level (GroupNorm without affine, scale =
+  Linear(sqrt(var_hw(z) + eps)) with torch's *unbiased* variance, bias = Linear(mean_hw(z)), z the
+  decoder input), depth-to-space (DCR order) upsampling, no attention.
+
+Layouts: images NHWC in [-1, 1]; tokens (B, n, C).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import layers
+from models.pretrained import regex_rename, torch_to_params
+from tokenizers import quantizers, vit
+from tokenizers.kl_vae import Downsample, ResnetBlock, Upsample, conv, group_norm
+
+# Upstream's ViTEncoder/ViTDecoder size tables (blocks.py): width, layers, heads. GigaTok's "small" has
+# 6 layers (not TiTok's 8).
+VIT_SIZES = {"tiny": (256, 4, 4), "small": (512, 6, 8), "base": (768, 12, 12), "large": (1024, 24, 16),
+             "xl": (1280, 36, 20), "xxl": (1536, 48, 24)}
+GROUPS = 32  # upstream's Normalize(): GroupNorm(32, eps 1e-6), hard-coded
+
+
+# ----------------------------------------------------------------------------
+# CNN encoder and decoder
+# ----------------------------------------------------------------------------
+
+
+def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
+    """(B, H, W, b*b*C) -> (B, b*H, b*W, C) in upstream's DCR order: channel index = (i*b + j)*C + c
+    for output pixel (b*h + i, b*w + j) (torch ``view(B, b, b, C, H, W).permute(0, 3, 4, 1, 5, 2)``;
+    not ``pixel_shuffle``)."""
+    b_, h, w, c4 = x.shape
+    c = c4 // (block * block)
+    x = x.reshape(b_, h, w, block, block, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b_, h * block, w * block, c)
+
+
+class D2SUpsampler(nnx.Module):
+    """3x3 conv C -> 4C, then depth-to-space (upstream ``D2SUpsampler``)."""
+
+    def __init__(self, ch: int, rngs: nnx.Rngs):
+        self.conv1 = conv(ch, 4 * ch, 3, rngs)
+
+    def __call__(self, x):
+        return depth_to_space(self.conv1(x), 2)
+
+
+class AdaptiveGroupNorm(nnx.Module):
+    """GroupNorm(32, affine=False)(x) * gamma(std_hw(z)) + beta(mean_hw(z)) (MAGVIT-v2 style).
+
+    ``unbiased``: the released code's ``torch.var`` divides by H*W - 1 (despite its "not unbias"
+    comment); False divides by H*W.
+    """
+
+    def __init__(self, z_channels: int, channels: int, rngs: nnx.Rngs, *, eps: float = 1e-6,
+                 unbiased: bool = True):
+        self.gn = nnx.GroupNorm(channels, num_groups=GROUPS, epsilon=eps, use_scale=False, use_bias=False,
+                                use_fast_variance=False, rngs=rngs)
+        self.gamma = layers.dense(z_channels, channels, ("channels", "conv_out"), rngs=rngs)
+        self.beta = layers.dense(z_channels, channels, ("channels", "conv_out"), rngs=rngs)
+        self.eps, self.unbiased = eps, unbiased
+
+    def __call__(self, x, style):
+        s = style.reshape(style.shape[0], -1, style.shape[-1]).astype(jnp.float32)
+        std = jnp.sqrt(jnp.var(s, axis=1, ddof=1 if self.unbiased else 0) + self.eps)
+        scale = self.gamma(std)[:, None, None, :]
+        bias = self.beta(jnp.mean(s, axis=1))[:, None, None, :]
+        return self.gn(x) * scale + bias
+
+
+class EncoderLevel(nnx.Module):
+    def __init__(self, in_ch, out_ch, num_blocks, downsample: bool, rngs):
+        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, GROUPS, rngs)
+                             for i in range(num_blocks)])
+        self.downsample = Downsample(out_ch, rngs) if downsample else None
+
+    def __call__(self, x):
+        for block in self.res:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class CNNEncoder(nnx.Module):
+    """Image (B, H, W, C) -> (B, H/f, W/f, z_channels), f = 2^(levels - 1) (upstream ``Encoder``,
+    ``use_attn=False``)."""
+
+    def __init__(self, *, ch: int, ch_mult, num_res_blocks: int, z_channels: int, in_channels: int = 3,
+                 rngs: nnx.Rngs):
+        self.conv_in = conv(in_channels, ch, 3, rngs)
+        levels, prev = [], ch
+        for i, m in enumerate(ch_mult):
+            levels.append(EncoderLevel(prev, ch * m, num_res_blocks, i != len(ch_mult) - 1, rngs))
+            prev = ch * m
+        self.conv_blocks = nnx.List(levels)
+        self.mid = nnx.List([ResnetBlock(prev, prev, GROUPS, rngs), ResnetBlock(prev, prev, GROUPS, rngs)])
+        self.norm_out = group_norm(prev, GROUPS, rngs)
+        self.conv_out = conv(prev, z_channels, 3, rngs)
+
+    def __call__(self, x):
+        h = self.conv_in(x)
+        for level in self.conv_blocks:
+            h = level(h)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(nnx.swish(self.norm_out(h)))
+
+
+class DecoderLevel(nnx.Module):
+    def __init__(self, in_ch, out_ch, num_blocks, upsample: str | None, rngs):
+        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, GROUPS, rngs)
+                             for i in range(num_blocks)])
+        self.upsample = {None: lambda: None, "d2s": lambda: D2SUpsampler(out_ch, rngs),
+                         "nearest": lambda: Upsample(out_ch, rngs)}[upsample]()
+
+    def __call__(self, x):
+        for block in self.res:
+            x = block(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class CNNDecoder(nnx.Module):
+    """(B, g, g, z_channels) -> image (B, f*g, f*g, 3) (upstream ``Decoder``: ``num_res_blocks + 1``
+    blocks per level, adaptive GroupNorm before each level, depth-to-space upsampling)."""
+
+    def __init__(self, *, ch: int, ch_mult, num_res_blocks: int, z_channels: int, out_channels: int = 3,
+                 adaptive_gn: bool = True, d2s_up: bool = True, unbiased_style_var: bool = True,
+                 rngs: nnx.Rngs):
+        block_in = ch * ch_mult[-1]
+        self.conv_in = conv(z_channels, block_in, 3, rngs)
+        self.mid = nnx.List([ResnetBlock(block_in, block_in, GROUPS, rngs),
+                             ResnetBlock(block_in, block_in, GROUPS, rngs)])
+        levels, adaptive = [], []
+        for i_level in reversed(range(len(ch_mult))):
+            out = ch * ch_mult[i_level]
+            if adaptive_gn:
+                adaptive.append(AdaptiveGroupNorm(z_channels, block_in, rngs, unbiased=unbiased_style_var))
+            up = None if i_level == 0 else ("d2s" if d2s_up else "nearest")
+            levels.append(DecoderLevel(block_in, out, num_res_blocks + 1, up, rngs))
+            block_in = out
+        self.conv_blocks = nnx.List(levels)
+        self.adaptive = nnx.List(adaptive) if adaptive_gn else None
+        self.norm_out = group_norm(block_in, GROUPS, rngs)
+        self.conv_out = conv(block_in, out_channels, 3, rngs)
+
+    def __call__(self, z):
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = block(h)
+        for i, level in enumerate(self.conv_blocks):
+            if self.adaptive is not None:
+                h = self.adaptive[i](h, z)
+            h = level(h)
+        return self.conv_out(nnx.swish(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------
+# Q-Former ViT encoder and decoder
+# ----------------------------------------------------------------------------
+
+
+def multi_level_pool(x: jax.Array, n_level: int) -> jax.Array:
+    """Upstream ``sample_multi_level_1d_tokens(first_grow="row")``: (B, H, W, C) -> (B, 2^n_level, C).
+
+    Group 0 is the global mean; group i >= 1 (level l = i - 1) average-pools 2^ceil(l/2) (width) x
+    2^floor(l/2) (height) blocks, flattened row-major; sizes 1, 1, 2, 4, ..., 2^(n_level - 1).
+    """
+    b, h, w, c = x.shape
+    groups = []
+    for i in range(n_level + 1):
+        level = max(i - 1, 0)
+        wb, hb = 2 ** ((level + 1) // 2), 2 ** (level // 2)
+        if h % hb or w % wb:
+            raise ValueError(f"a {h}x{w} grid cannot be split into {hb}x{wb} blocks (level {level}); the grid "
+                             f"must allow 2^{n_level} multi-level tokens")
+        pooled = x.reshape(b, hb, h // hb, wb, w // wb, c).mean(axis=(2, 4))
+        groups.append(pooled.reshape(b, hb * wb, c))
+    return jnp.concatenate(groups, axis=1)
+
+
+def _pos(rngs, n, width):
+    return vit.learned_embedding(rngs, (n, width), width ** -0.5)
+
+
+class ViTEncoder(nnx.Module):
+    """CNN features (B, g, g, z) -> (B, N + M, z) latents (upstream ``ViTEncoder``,
+    ``multi_level_query_init=True``)."""
+
+    def __init__(self, *, grid: int, width: int, depth: int, heads: int, num_latent_tokens: int,
+                 num_padding: int, token_size: int, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.grid, self.width = grid, width
+        self.num_latent_tokens, self.num_padding = num_latent_tokens, num_padding
+        self.encoder_embed = layers.dense(token_size, width, ("channels", "embed"), rngs=rngs, dtype=dtype)
+        self.ln_pre = vit.layer_norm(token_size, rngs=rngs)
+        self.positional_embedding = _pos(rngs, grid * grid, width)
+        self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width)
+        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width)
+        self.global_proj = layers.dense(width, width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.transformer = nnx.List([vit.QFormerLayer(width, heads, 4 * width, rngs=rngs, dtype=dtype)
+                                     for _ in range(depth)])
+        self.ln_post = vit.layer_norm(width, rngs=rngs)
+        self.conv_out = layers.dense(width, token_size, ("embed", "channels"), rngs=rngs, dtype=dtype)
+
+    def queries(self, memory):
+        """Multi-level pooled queries with the Redundant Token Padding: (B, N + M, width)."""
+        b = memory.shape[0]
+        q = multi_level_pool(memory.reshape(b, self.grid, self.grid, self.width),
+                             round(math.log2(self.num_latent_tokens)))
+        start = self.num_latent_tokens - self.num_padding
+        return self.global_proj(jnp.concatenate([q, q[:, start:]], axis=1))
+
+    def __call__(self, s, *, return_feat: bool = False):
+        b = s.shape[0]
+        memory = self.encoder_embed(self.ln_pre(s.reshape(b, -1, s.shape[-1])))
+        tgt = self.queries(memory)
+        query_pos = jnp.concatenate([self.latent_token_positional_embedding[...],
+                                     self.latent_token_positional_embedding_comp[...]], axis=0)
+        for layer in self.transformer:
+            tgt = layer(tgt, memory, query_pos=query_pos, pos=self.positional_embedding[...])
+        tgt = self.ln_post(tgt)
+        if return_feat:
+            return tgt[:, :self.num_latent_tokens]
+        return self.conv_out(tgt)
+
+
+class ViTDecoder(nnx.Module):
+    """Tokens (B, n, z), n <= N + M -> (2-D features (B, g, g, z), HSR features (B, g*g, out_inner_dim)
+    or None) from the first k tokens (upstream ``ViTDecoder``)."""
+
+    def __init__(self, *, grid: int, width: int, depth: int, heads: int, num_latent_tokens: int,
+                 num_padding: int, token_size: int, distill_depth: int | None, out_inner_dim: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.grid, self.width, self.num_latent_tokens = grid, width, num_latent_tokens
+        self.distill_depth = distill_depth
+        self.decoder_embed = layers.dense(token_size, width, ("channels", "embed"), rngs=rngs, dtype=dtype)
+        self.ln_pre = vit.layer_norm(token_size, rngs=rngs)
+        self.positional_embedding = _pos(rngs, grid * grid, width)
+        self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width)
+        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width)
+        self.transformer = nnx.List([vit.QFormerLayer(width, heads, 4 * width, rngs=rngs, dtype=dtype)
+                                     for _ in range(depth)])
+        self.ln_post = vit.layer_norm(width, rngs=rngs)
+        self.conv_out = conv(width, token_size, 3, rngs)
+        if distill_depth is not None:  # REPA's projector: width -> 4w -> SiLU -> 4w -> SiLU -> out
+            self.distill_fc1 = layers.dense(width, 4 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+            self.distill_fc2 = layers.dense(4 * width, 4 * width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+            self.distill_fc3 = layers.dense(4 * width, out_inner_dim, ("embed", "channels"), rngs=rngs, dtype=dtype)
+
+    def distill_mlp(self, h):
+        return self.distill_fc3(nnx.silu(self.distill_fc2(nnx.silu(self.distill_fc1(h)))))
+
+    def __call__(self, tokens, num_tokens=None, *, keep=None, inner_feat: bool = False):
+        """``num_tokens``: a Python int k (upstream's slice; None = N, the released default), or an int
+        array () / (B,) (a key mask: the same values, static shapes); ``keep``: bool (n,) / (B, n)."""
+        b, n, _ = tokens.shape
+        x = self.decoder_embed(self.ln_pre(tokens))
+        tgt = jnp.broadcast_to(x[:, :1], (b, self.grid * self.grid, self.width))
+        pos = jnp.concatenate([self.latent_token_positional_embedding[...],
+                               self.latent_token_positional_embedding_comp[...]], axis=0)[:n]
+        if num_tokens is None and keep is None:
+            num_tokens = min(self.num_latent_tokens, n)
+        if isinstance(num_tokens, (int, np.integer)):
+            x, pos = x[:, :int(num_tokens)], pos[:int(num_tokens)]
+        elif num_tokens is not None:
+            keep = vit.prefix_mask(num_tokens, n)
+        mask = None if keep is None else vit.key_mask(keep)
+        feat = None
+        for i, layer in enumerate(self.transformer):
+            tgt = layer(tgt, x, query_pos=self.positional_embedding[...], pos=pos, memory_mask=mask)
+            if inner_feat and i + 1 == self.distill_depth:
+                feat = self.distill_mlp(tgt)
+        out = self.ln_post(tgt).reshape(b, self.grid, self.grid, self.width)
+        return self.conv_out(out), feat
+
+
+# ----------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------
+
+
+class ReTok(nnx.Module):
+    """``VQVitModelPlus`` with Redundant Token Padding: ``encode`` gives N + M tokens (all quantised);
+    ``decode`` uses the first k (default N).
+
+    ``num_padding`` M: the copies of queries ``N - M .. N - 1`` appended to the encoder's queries (the
+    released code: M = N - 32 = 224; 0 = the same tokenizer without padding).
+    """
+
+    def __init__(self, *, image_size: int, ch: int, ch_mult, num_res_blocks: int, z_channels: int,
+                 encoder_size, decoder_size, num_latent_tokens: int, num_padding: int, codebook_size: int,
+                 codebook_embed_dim: int, commitment_cost: float = 0.25, rot: bool = True,
+                 adaptive_gn: bool = True, d2s_up: bool = True, unbiased_style_var: bool = True,
+                 distill_depth: int | None = 3, out_inner_dim: int = 768, in_channels: int = 3,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        f = 2 ** (len(ch_mult) - 1)
+        if image_size % f:
+            raise ValueError(f"image_size={image_size} is not divisible by the CNN's downsampling factor {f}")
+        if not 0 <= num_padding < num_latent_tokens:
+            raise ValueError(f"num_padding={num_padding}: in [0, num_latent_tokens={num_latent_tokens})")
+        self.grid = image_size // f
+        self.num_latent_tokens, self.num_padding = num_latent_tokens, num_padding
+        self.total_tokens = num_latent_tokens + num_padding
+        ew, ed, eh = encoder_size
+        dw, dd, dh = decoder_size
+        self.encoder = CNNEncoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
+                                  in_channels=in_channels, rngs=rngs)
+        common = dict(grid=self.grid, num_latent_tokens=num_latent_tokens, num_padding=num_padding,
+                      token_size=z_channels, rngs=rngs, dtype=dtype)
+        self.s2to1encoder = ViTEncoder(width=ew, depth=ed, heads=eh, **common)
+        self.quant_conv = layers.dense(z_channels, codebook_embed_dim, ("channels", None), rngs=rngs)
+        self.quantize = quantizers.VectorQuantizer(
+            codebook_size, codebook_embed_dim, commitment_cost=commitment_cost, use_l2_norm=True,
+            estimator="rotation_trick" if rot else "straight_through", rngs=rngs,
+            codebook_init=lambda key, shape: quantizers.l2_normalize(quantizers.uniform_codebook_init(key, shape)))
+        self.post_quant_conv = layers.dense(codebook_embed_dim, z_channels, (None, "channels"), rngs=rngs)
+        self.s1to2decoder = ViTDecoder(width=dw, depth=dd, heads=dh, distill_depth=distill_depth,
+                                       out_inner_dim=out_inner_dim, **common)
+        self.decoder = CNNDecoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
+                                  out_channels=in_channels, adaptive_gn=adaptive_gn, d2s_up=d2s_up,
+                                  unbiased_style_var=unbiased_style_var, rngs=rngs)
+
+    def encode_continuous(self, images):
+        """images (B, H, W, C) in [-1, 1] -> (CNN features S (B, g, g, z), latents entering the
+        quantizer (B, N + M, codebook_embed_dim))."""
+        s = self.encoder(images)
+        return s, self.quant_conv(self.s2to1encoder(s))
+
+    def encode(self, images):
+        """-> (z_q (B, N + M, e) with the estimator's gradient, info with ``indices`` (B, N + M), S)."""
+        s, h = self.encode_continuous(images)
+        z_q, info = self.quantize(h)
+        return z_q, info, s
+
+    def decode_features(self, z_q, num_tokens=None, *, keep=None, inner_feat: bool = False):
+        """(ViT-decoder 2-D features Ŝ (B, g, g, z), HSR features or None) from the first k tokens."""
+        return self.s1to2decoder(self.post_quant_conv(z_q), num_tokens, keep=keep, inner_feat=inner_feat)
+
+    def decode(self, z_q, num_tokens=None, *, keep=None):
+        """Images (B, H, W, C), nominally [-1, 1], from the first ``num_tokens`` tokens (None: N)."""
+        rec, _ = self.decode_features(z_q, num_tokens, keep=keep)
+        return self.decoder(rec)
+
+    def decode_codes(self, indices, num_tokens=None):
+        """Code indices (B, n) -> images (upstream ``decode_code``; n may be < N: the prefix)."""
+        return self.decode(self.quantize.lookup(indices), num_tokens)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint conversion and the golden fixture
+# ----------------------------------------------------------------------------
+
+TORCH_RENAMES = [
+    (r"^quantize\.codebook_used$", ""),  # training-only usage history
+    (r"\.in_proj_weight$", ".in_proj.weight"),
+    (r"\.in_proj_bias$", ".in_proj.bias"),
+    (r"distill_mlp\.0\.", "distill_fc1."),
+    (r"distill_mlp\.2\.", "distill_fc2."),
+    (r"distill_mlp\.4\.", "distill_fc3."),
+    (r"^quantize\.embedding\.weight$", "quantize.embedding"),
+]
+POSITION_KEYS = ("positional_embedding", "latent_token_positional_embedding",
+                 "latent_token_positional_embedding_comp")
+RELEASED = "https://github.com/zfu006/ReTok (README: VQ_SB256_e250.pt, GPT_XL256_e300_VQ_SB.pt)"
+
+
+def _rename(key):
+    path = regex_rename(TORCH_RENAMES)(key)
+    if path is not None and path[-1] == "embedding" and path[0] == "quantize":
+        return ("quantize", "embedding")
+    return path
+
+
+def abstract_params(kwargs) -> dict:
+    abstract = nnx.eval_shape(lambda: ReTok(**kwargs, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
+
+
+def params_from_torch(state_dict, kwargs) -> dict:
+    """Pure params of :class:`ReTok` from upstream's ``VQVitModelPlus`` state_dict (``(L, 1, W)``
+    position tables squeezed; ``codebook_used`` dropped; an ``ema``/``model`` wrapper unwrapped)."""
+    for wrapper in ("ema", "model", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    sd = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("module.")
+        v = np.asarray(v)
+        if k.split(".")[-1] in POSITION_KEYS and v.ndim == 3:
+            v = v[:, 0]
+        sd[k] = v
+    if kwargs.get("distill_depth") is None:
+        sd = {k: v for k, v in sd.items() if "distill_mlp" not in k}
+    return torch_to_params(sd, abstract_params(kwargs), rename=_rename, what="ReTok checkpoint")
+
+
+def merge(kwargs, params) -> ReTok:
+    abstract = nnx.eval_shape(lambda: ReTok(**kwargs, rngs=nnx.Rngs(0)))
+    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state, rest)
+
+
+def _size_tables(meta) -> dict:
+    """VIT_SIZES plus the fixture's extra tables ("'pico' = (width 32, layers 2, heads 4)")."""
+    tables = dict(VIT_SIZES)
+    text = meta["constructor_args"].get("hard_coded_overrides", {}).get("model_size_tables", "")
+    for name, w, d, h in re.findall(r"'(\w+)'\s*=\s*\(width (\d+), layers (\d+), heads (\d+)\)", text):
+        tables[name] = (int(w), int(d), int(h))
+    return tables
+
+
+def fixture_kwargs(meta) -> dict:
+    c = meta["constructor_args"]
+    a, over = c["VQVitModelPlusArgs"], c.get("hard_coded_overrides", {})
+    tables = _size_tables(meta)
+    enc = a["encoder_size"] or a["model_size"]
+    dec = a["decoder_size"] or a["model_size"]
+    if list(a["encoder_ch_mult"]) != list(a["decoder_ch_mult"]):
+        raise ValueError("retok fixture: encoder and decoder ch_mult differ (the port uses one ch_mult)")
+    for flag, want in (("multi_level_query_init", True), ("use_attn", False), ("codebook_l2_norm", True)):
+        if bool(a.get(flag)) != want:
+            raise ValueError(f"retok fixture: {flag}={a.get(flag)} is not the released configuration ({want})")
+    n = int(a["num_latent_tokens"])
+    return dict(image_size=int(over.get("blocks.ViTEncoder/ViTDecoder image_size", 256)),
+                ch=int(over.get("blocks.Encoder/Decoder ch", 128)), ch_mult=tuple(a["encoder_ch_mult"]),
+                num_res_blocks=int(over.get("blocks.Encoder/Decoder num_res_blocks", 2)),
+                z_channels=int(a["z_channels"]), encoder_size=tables[enc], decoder_size=tables[dec],
+                num_latent_tokens=n, num_padding=n - 32, codebook_size=int(a["codebook_size"]),
+                codebook_embed_dim=int(a["codebook_embed_dim"]), commitment_cost=float(a["commit_loss_beta"]),
+                rot=bool(a["rot"]), adaptive_gn=bool(a["adaptive_gn"]), d2s_up=bool(a["d2s_up"]),
+                distill_depth=a.get("distill_depth"), out_inner_dim=int(a.get("out_inner_dim", 768)))
+
+
+def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
+    kwargs = fixture_kwargs(meta)
+    model = merge(kwargs, params_from_torch({**params, **buffers}, kwargs))
+    x = jnp.asarray(inputs["image"]).transpose(0, 2, 3, 1)
+    nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
+    tok = lambda a: np.asarray(a).transpose(0, 2, 1)[:, :, None, :]  # (B, n, C) -> (B, C, 1, n)  # noqa: E731
+
+    @jax.jit
+    def enc(x):
+        s = model.encoder(x)
+        feat = model.s2to1encoder(s, return_feat=True)
+        fix = model.s2to1encoder(s)
+        cont = model.quant_conv(fix)
+        z_q, info = model.quantize(cont)
+        return s, feat, fix, cont, z_q, info["indices"]
+
+    s, feat, fix, cont, z_q, idx = enc(x)
+    entry = model.quantize.lookup(idx)
+    dec = jax.jit(lambda z, k: model.decode_features(z, k), static_argnums=1)
+    out = {"cnn_encoder_out": nchw(s), "vit_encoder_feat": tok(feat), "latent_fix_dim": tok(fix),
+           "latent_cont": tok(cont), "quant_rot": tok(z_q), "indices": np.asarray(idx).reshape(-1),
+           "codebook_entry": tok(entry)}
+    for tag, k in (("k", int(inputs["num_tokens_k"])), ("default", None), ("all", int(inputs["num_tokens_all"]))):
+        rec, _ = dec(entry, k)
+        out[f"rec_spatial_{tag}"] = nchw(rec)
+        out[f"dec_{tag}"] = nchw(jax.jit(model.decoder)(rec))
+    out["forward_dec"] = nchw(jax.jit(lambda z: model.decode(z))(z_q))
+    _, inner = jax.jit(lambda z: model.decode_features(z, inner_feat=True))(z_q)
+    out["inner_feat"] = np.asarray(inner)
+    return out
+
+
+FIXTURE_CHECKS = {"retok_tokenizer": fixture_check}
