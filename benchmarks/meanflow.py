@@ -13,10 +13,10 @@ tangent through every layer and keeps its residuals for the backward; SplitMeanF
 forwards on the split rows only).
 
 ``fid``: the embedded-digit demos (``configs/splitmeanflow_b4.py:demo``, ``configs/meanflow_b4.py:demo``
-and the flow-matching DiT ``configs/dit_s.py:demo``, the same network size) trained for the same
+and the flow-matching DiT ``configs/dit_s.py:sit,demo``, the same network size) trained for the same
 number of steps through ``trainers.train``, then MNIST-feature FID (eval/domain.py) of
 ``--num_samples`` samples (raw params, or ``--ema``) at 1, 2 and 4 steps (flow matching: Euler at 1, 2, 4 and 50 steps, CFG
-2.0 as its demo); prints one table and writes ``fid.json`` in ``--out``.
+2.0 as its demo); prints one table and writes ``fid_<methods>.json`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -125,15 +125,16 @@ def bench_fid(args) -> dict:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {"splitmeanflow": ("configs.splitmeanflow_b4", [1, 2, 4], {}),
-            "meanflow": ("configs.meanflow_b4", [1, 2, 4], {}),
-            "flow_matching": ("configs.dit_s", [1, 2, 4, 50], {"method": "euler"})}
+    runs = {"splitmeanflow": ("configs.splitmeanflow_b4", "demo", [1, 2, 4], {}),
+            "meanflow": ("configs.meanflow_b4", "demo", [1, 2, 4], {}),
+            "flow_matching": ("configs.dit_s", "sit,demo", [1, 2, 4, 50], {"method": "euler"})}
+    runs = {k: v for k, v in runs.items() if k in args.methods.split(",")}
     reference = None
     results = {}
-    for name, (module, step_counts, extra) in runs.items():
+    for name, (module, variant, step_counts, extra) in runs.items():
         import importlib
 
-        config = importlib.import_module(module).get_config("demo")
+        config = importlib.import_module(module).get_config(variant)
         config.num_steps = args.num_steps
         config.batch_size = args.fid_batch
         config.model.update(hidden_size=args.fid_width, depth=args.fid_depth)
@@ -155,7 +156,10 @@ def bench_fid(args) -> dict:
         labels = jnp.asarray(grid_labels(args.num_samples, config.data.num_classes), jnp.int32)
         scores = {}
         for k in step_counts:
-            fn = jax.jit(lambda p, r, rng, y, k=k: method.sample(model_def.merge(p, r), rng, y, num_steps=k, **extra))
+            # SiT's fixed-step ODE takes num_steps grid points (num_steps - 1 Euler steps): k NFE = k + 1.
+            steps = k + 1 if name == "flow_matching" else k
+            fn = jax.jit(lambda p, r, rng, y, n=steps: method.sample(model_def.merge(p, r), rng, y, num_steps=n,
+                                                                     **extra))
             chunks = [fn(state[params_key], state["rest"], jax.random.PRNGKey(i), labels[i:i + 100])
                       for i in range(0, args.num_samples, 100)]
             images = images_to_uint8(np.concatenate([np.asarray(c) for c in chunks]))
@@ -163,7 +167,7 @@ def bench_fid(args) -> dict:
             scores[k] = float(s["mnist_fid"])
         results[name] = {"train_s": train_s, "mnist_fid": scores}
         print(f"{name}: trained {args.num_steps} steps in {train_s:.0f} s; MNIST-FID by steps: {scores}", flush=True)
-    (out_dir / "fid.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"fid_{'_'.join(results)}.json").write_text(json.dumps(results, indent=2))
     print(f"\nMNIST-feature FID ({args.num_samples} samples; {args.num_steps} train steps, batch {args.fid_batch}, "
           f"width {args.fid_width}, depth {args.fid_depth})")
     print("method          " + "".join(f"{k:>9}" for k in (1, 2, 4, 50)))
@@ -186,6 +190,7 @@ def main():
     parser.add_argument("--fid_batch", type=int, default=64, help="fid: batch (the demos' 64)")
     parser.add_argument("--fid_width", type=int, default=96, help="fid: width of all three (the demos' 96)")
     parser.add_argument("--fid_depth", type=int, default=4, help="fid: depth of all three (the demos' 4)")
+    parser.add_argument("--methods", default="splitmeanflow,meanflow,flow_matching", help="fid: which to run")
     parser.add_argument("--ema", action="store_true", help="fid: sample the EMA params (default: raw params)")
     parser.add_argument("--out", default="/tmp/meanflow_bench", help="fid: workdirs and fid.json")
     args = parser.parse_args()
