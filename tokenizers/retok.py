@@ -37,12 +37,14 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from models import layers
 from models.pretrained import regex_rename, torch_to_params
 from tokenizers import quantizers, vit
 from tokenizers.kl_vae import Downsample, ResnetBlock, Upsample, conv, group_norm
+from trainers.method import Method, ModelDef
 
 # Upstream's ViTEncoder/ViTDecoder size tables (blocks.py): width, layers, heads. GigaTok's "small" has
 # 6 layers (not TiTok's 8).
@@ -496,3 +498,375 @@ def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
 
 
 FIXTURE_CHECKS = {"retok_tokenizer": fixture_check}
+
+
+# ----------------------------------------------------------------------------
+# Released checkpoints
+# ----------------------------------------------------------------------------
+
+
+def model_kwargs(config) -> dict:
+    """ReTok constructor arguments from a run config (``config.model``, ``config.data``)."""
+    m = config.model
+    size = lambda s: (int(s.width), int(s.depth), int(s.heads))  # noqa: E731
+    return dict(image_size=int(config.data.image_size), ch=int(m.ch), ch_mult=tuple(int(v) for v in m.ch_mult),
+                num_res_blocks=int(m.num_res_blocks), z_channels=int(m.z_channels), encoder_size=size(m.encoder),
+                decoder_size=size(m.decoder), num_latent_tokens=int(m.num_latent_tokens),
+                num_padding=int(m.num_padding), codebook_size=int(m.codebook_size),
+                codebook_embed_dim=int(m.codebook_embed_dim), commitment_cost=float(m.commitment_cost),
+                rot=bool(m.rot), adaptive_gn=bool(m.adaptive_gn), d2s_up=bool(m.d2s_up),
+                unbiased_style_var=bool(m.unbiased_style_var),
+                distill_depth=int(m.distill_depth) if int(m.distill_depth) > 0 else None,
+                out_inner_dim=int(m.out_inner_dim), in_channels=int(config.data.channels))
+
+
+def import_retok(state_dict, config) -> dict:
+    """The released ``VQ_SB256_e250.pt`` / ``VQ_SS256_*.pt`` (``{"model": ..., "ema": ...}`` or a bare
+    state_dict; the EMA weights when present) for ``configs/retok_{ss,sb}.py``."""
+    if "ema" in state_dict and isinstance(state_dict["ema"], dict):
+        state_dict = state_dict["ema"]
+    elif "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    return params_from_torch(state_dict, model_kwargs(config))
+
+
+def import_retok_gpt(state_dict, config) -> dict:
+    """The released ``GPT_XL256_e300_VQ_SB.pt`` (LlamaGen ``gpt_1d`` GPT-XL on ReTok-S-B's first 256
+    codes) for ``configs/llamagen_gpt.py:xl``: models/llamagen.py's importer."""
+    from models import llamagen
+
+    return llamagen.IMPORTERS["llamagen_gpt"](state_dict, config)
+
+
+IMPORTERS = {"retok": import_retok, "retok_gpt": import_retok_gpt}
+
+
+# ----------------------------------------------------------------------------
+# Training (config.model.name == "retok"): nested dropout over the padded sequence, HSR, GAN,
+# the decoder-only fine-tuning phase, all in one train_step
+# ----------------------------------------------------------------------------
+
+HSR_SCHEDULES = ("linear", "level_geometric", "const")
+PREFIX_SAMPLING = ("example", "batch")
+
+
+def hsr_weight(k, *, schedule: str, weight: float, total: int, min_tokens: int, gamma: float = 0.7):
+    """The Hierarchical Semantic Regularization strength for a decode from the first k tokens.
+
+    The paper: strongest for the earliest tokens, "progressively reduced toward the tail"; the exact
+    w(k) is not released (implementation choice, notes section 3.2):
+
+    * ``linear``: weight * (total - k) / (total - min_tokens): full at k = min_tokens, 0 at k = N + M;
+    * ``level_geometric``: weight * gamma^ceil(log2 k) (one step per coarse-to-fine query group);
+    * ``const``: weight for every k (GigaTok's uniform REPA loss, the no-HSR baseline).
+    """
+    k = jnp.asarray(k, jnp.float32)
+    if schedule == "linear":
+        return weight * jnp.clip((total - k) / max(total - min_tokens, 1), 0.0, 1.0)
+    if schedule == "level_geometric":
+        return weight * gamma ** jnp.ceil(jnp.log2(jnp.maximum(k, 1.0)))
+    if schedule == "const":
+        return jnp.full_like(k, weight)
+    raise ValueError(f"config.model.hsr.schedule={schedule!r}: one of {HSR_SCHEDULES}")
+
+
+def negative_cosine(feat, target):
+    """Per-example mean over tokens of -cos(feat, target) (REPA / GigaTok ``proj_loss``): (B,)."""
+    f = quantizers.l2_normalize(feat.astype(jnp.float32))
+    t = quantizers.l2_normalize(target.astype(jnp.float32))
+    return -jnp.mean(jnp.sum(f * t, axis=-1), axis=-1)
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
+class ReTokMethod(Method):
+    """ReTok training as the paper describes it (the released repo has no training loop).
+
+    Per step: k ~ U{min_tokens .. N + M} (nested dropout over the *padded* sequence; per example or
+    per batch), the decoder sees the first k quantised tokens (a key mask: static shapes). Generator
+    loss (configs/vq/VQ_S*256.yaml + vq_loss.py): l2 + LPIPS + disc_weight x hinge G-loss (PatchGAN
+    with BatchNorm, from ``disc_start``) + VQ (codebook + beta x commitment) + feature reconstruction
+    MSE(sg(S), Ŝ) while step < ``aux_loss_end`` + HSR: w(k) x -cos(distill_mlp(decoder layer
+    ``distill_depth``), DINOv2 patch tokens). From ``decoder_finetune_start`` only the CNN pixel
+    decoder trains and HSR is off (upstream ``freeze_but_decoder_iter``).
+    """
+
+    kind = "tokenizer"
+    latent_type = "codes"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kwargs = model_kwargs(config)
+        self._model_def = None
+        self._frozen = {}
+
+    # -- config, network, tokenizer interface
+    def validate_config(self, config) -> None:
+        m, lc = config.model, config.model.loss
+        f = 2 ** (len(m.ch_mult) - 1)
+        size = int(config.data.image_size)
+        if size % f:
+            raise ValueError(f"config.data.image_size={size} is not divisible by 2^(len(config.model.ch_mult)-1)={f}")
+        bad = sorted({int(m.ch) * int(v) for v in m.ch_mult} | {int(m.ch)})
+        if any(w % GROUPS for w in bad):
+            raise ValueError(f"config.model.ch={m.ch} x ch_mult={tuple(m.ch_mult)} gives widths {bad}: GroupNorm(32) "
+                             "needs multiples of 32")
+        for part in ("encoder", "decoder"):
+            if int(m[part].width) % int(m[part].heads):
+                raise ValueError(f"config.model.{part}.width={m[part].width} is not divisible by heads={m[part].heads}")
+        n, pad, grid = int(m.num_latent_tokens), int(m.num_padding), size // f
+        n_level = round(math.log2(n))
+        if 2 ** n_level != n:
+            raise ValueError(f"config.model.num_latent_tokens={n} must be a power of two (multi-level queries)")
+        finest = max(n_level - 1, 0)  # the last query group splits the grid into 2^ceil(l/2) x 2^floor(l/2)
+        if grid % 2 ** ((finest + 1) // 2) or grid % 2 ** (finest // 2):
+            raise ValueError(f"config.model.num_latent_tokens={n}: its finest query level pools "
+                             f"{2 ** (finest // 2)} x {2 ** ((finest + 1) // 2)} blocks, which a {grid}x{grid} "
+                             f"ViT grid (config.data.image_size / 2^(len(ch_mult)-1)) does not divide into")
+        if not 0 <= pad < n:
+            raise ValueError(f"config.model.num_padding={pad}: in [0, num_latent_tokens={n}) (released: N - 32)")
+        if not 1 <= int(m.min_tokens) <= n:
+            raise ValueError(f"config.model.min_tokens={m.min_tokens}: in [1, num_latent_tokens={n}]")
+        if m.prefix_sampling not in PREFIX_SAMPLING:
+            raise ValueError(f"config.model.prefix_sampling={m.prefix_sampling!r}: one of {PREFIX_SAMPLING}")
+        if m.hsr.schedule not in HSR_SCHEDULES:
+            raise ValueError(f"config.model.hsr.schedule={m.hsr.schedule!r}: one of {HSR_SCHEDULES}")
+        if float(m.hsr.weight) > 0:
+            if not 1 <= int(m.distill_depth) <= int(m.decoder.depth):
+                raise ValueError(f"config.model.distill_depth={m.distill_depth}: HSR needs a decoder layer in "
+                                 f"[1, decoder.depth={m.decoder.depth}]")
+            if int(m.out_inner_dim) != int(m.hsr.teacher_width):
+                raise ValueError(f"config.model.out_inner_dim={m.out_inner_dim} must equal the teacher's width "
+                                 f"config.model.hsr.teacher_width={m.hsr.teacher_width}")
+            self.teacher_params()  # a missing DINOv2 file fails here, before compilation
+        if float(lc.perceptual_weight) > 0:
+            if int(config.data.channels) != 3:
+                raise ValueError("config.model.loss.perceptual_weight > 0 needs RGB data (LPIPS-VGG16)")
+            self.lpips_params()
+
+    def create_model(self, rngs: nnx.Rngs) -> ReTok:
+        return ReTok(**self.kwargs, rngs=rngs)
+
+    @property
+    def model_def(self) -> ModelDef:
+        if self._model_def is None:
+            self._model_def = ModelDef(self)
+        return self._model_def
+
+    def encode(self, model: ReTok, images, length: int | None = None):
+        """images (B, H, W, C) in [-1, 1] -> the first N codes (B, N) int32 (what the GPT models; the
+        M padding codes are dropped), or their first ``length``."""
+        _, info, _ = model.encode(images)
+        return info["indices"][:, :length or self.kwargs["num_latent_tokens"]]
+
+    def decode(self, model: ReTok, codes):
+        """codes (B, k), any k <= N + M -> images (B, H, W, C) in [-1, 1] (clamped)."""
+        return jnp.clip(model.decode_codes(codes, codes.shape[1]), -1.0, 1.0)
+
+    def reconstruct(self, model: ReTok, images, length: int | None = None):
+        z_q, _, _ = model.encode(images)
+        return jnp.clip(model.decode(z_q, length), -1.0, 1.0)
+
+    def loss(self, model, batch, rng):
+        raise TypeError("retok trains with its own train_step (init_train_state/train_step)")
+
+    # -- frozen networks
+    def teacher_params(self):
+        """The frozen DINOv2 (config.model.hsr.teacher_*; DINOv2-B/14 in the released recipe), its
+        position table resampled to the ViT decoder's grid (224 inputs for a 16x16 grid)."""
+        if "teacher" not in self._frozen:
+            from models.pretrained import dinov2
+
+            with jax.ensure_compile_time_eval():
+                sd = dinov2.load_state_dict(self.config.model.hsr.teacher_path, "config.model.hsr.teacher_path")
+                params = dinov2.params_from_torch(sd, **self._teacher_dims())
+            self._frozen["teacher"] = jax.tree.map(np.asarray, params)
+        return self._frozen["teacher"]
+
+    def lpips_params(self):
+        if "lpips" not in self._frozen:
+            from tokenizers import losses
+
+            lc = self.config.model.loss
+            self._frozen["lpips"] = losses.load_lpips_params(lc.vgg_path, lc.get("lpips_lin_path", ""))
+        return self._frozen["lpips"]
+
+    @property
+    def grid(self) -> int:
+        return self.kwargs["image_size"] // 2 ** (len(self.kwargs["ch_mult"]) - 1)
+
+    def _teacher_dims(self):
+        h = self.config.model.hsr
+        return dict(width=int(h.teacher_width), depth=int(h.teacher_depth), heads=int(h.teacher_heads),
+                    grid=self.grid)
+
+    def _discriminator(self, rngs):
+        from tokenizers import losses
+
+        lc = self.config.model.loss
+        return losses.NLayerDiscriminator(in_channels=self.kwargs["in_channels"], ndf=int(lc.disc_ndf),
+                                          n_layers=int(lc.disc_layers), rngs=rngs)
+
+    # -- the train state and step
+    def init_train_state(self, rng):
+        """Keys: step, params, ema_params, opt_state, rest; ``disc`` {params, batch_stats, opt_state};
+        ``teacher`` (frozen DINOv2, {} without HSR) and ``lpips`` (frozen, {} when unused)."""
+        from trainers.optim import make_optimizer
+
+        k_gen, k_disc = jax.random.split(rng)
+        params, rest = self.model_def.init(k_gen)
+        tx, _ = make_optimizer(self.config)
+        _, dp, ds = nnx.split(self._discriminator(nnx.Rngs(k_disc)), nnx.Param, ...)
+        dp, ds = nnx.to_pure_dict(dp), nnx.to_pure_dict(ds)
+        m = self.config.model
+        teacher = self.teacher_params() if float(m.hsr.weight) > 0 else {}
+        lp = self.lpips_params() if float(m.loss.perceptual_weight) > 0 else {}
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": jax.tree.map(jnp.copy, params),
+                "opt_state": tx.init(params), "rest": rest,
+                "disc": {"params": dp, "batch_stats": ds, "opt_state": tx.init(dp)},
+                "teacher": jax.tree.map(jnp.asarray, teacher), "lpips": jax.tree.map(jnp.asarray, lp)}
+
+    def train_state_shardings(self, abstract_state, mesh):
+        from trainers import sharding as sh
+        from trainers.train import _suffix_sharding
+
+        repl = sh.replicated(mesh)
+        gen = self.model_def.param_shardings(mesh)
+
+        def opt(abstract_opt, param_sh):
+            by_path = {tuple(_path_names(p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
+            return jax.tree_util.tree_map_with_path(
+                lambda p, leaf: _suffix_sharding(p, by_path, repl) if np.ndim(leaf) else repl, abstract_opt)
+
+        _, dp, ds = nnx.split(nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0))), nnx.Param, ...)
+        disc = nnx.to_pure_dict(sh.state_shardings(dp, mesh))
+        return {"step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
+                "rest": self.model_def.rest_shardings(mesh),
+                "disc": {"params": disc, "batch_stats": nnx.to_pure_dict(sh.state_shardings(ds, mesh)),
+                         "opt_state": opt(abstract_state["disc"]["opt_state"], disc)},
+                "teacher": jax.tree.map(lambda _: repl, abstract_state["teacher"]),
+                "lpips": jax.tree.map(lambda _: repl, abstract_state["lpips"])}
+
+    def prefix_lengths(self, rng, batch: int):
+        """Nested dropout over the padded sequence: k ~ U{min_tokens .. N + M}, (B,) per example or one
+        per batch (broadcast), int32; without nested dropout k = N (the released inference length)."""
+        m = self.config.model
+        total = self.kwargs["num_latent_tokens"] + self.kwargs["num_padding"]
+        if not m.nested_dropout:
+            return jnp.full((batch,), self.kwargs["num_latent_tokens"], jnp.int32)
+        shape = (batch,) if m.prefix_sampling == "example" else ()
+        k = vit.sample_prefix_length(rng, total, low=int(m.min_tokens), shape=shape)
+        return jnp.broadcast_to(k, (batch,))
+
+    def hsr_weights(self, k):
+        m = self.config.model
+        total = self.kwargs["num_latent_tokens"] + self.kwargs["num_padding"]
+        return hsr_weight(k, schedule=m.hsr.schedule, weight=float(m.hsr.weight), total=total,
+                          min_tokens=int(m.min_tokens), gamma=float(m.hsr.gamma))
+
+    def train_step(self, state, batch, rng):
+        from tokenizers import losses
+        from trainers.optim import make_optimizer
+
+        m, lc = self.config.model, self.config.model.loss
+        tx, schedule = make_optimizer(self.config)
+        x = batch["image"]
+        b = x.shape[0]
+        step = state["step"]
+        total = self.kwargs["num_latent_tokens"] + self.kwargs["num_padding"]
+        k = self.prefix_lengths(rng, b)
+        keep = vit.prefix_mask(k, total)
+        finetune_start = int(m.decoder_finetune_start)
+        finetune = (step >= finetune_start) if finetune_start >= 0 else jnp.asarray(False)
+        use_hsr = float(m.hsr.weight) > 0
+        w_sem = self.hsr_weights(k) * jnp.where(finetune, 0.0, 1.0)
+        gan_factor = losses.adopt_weight(1.0, step, int(lc.disc_start))
+        aux_on = jnp.where(step < int(lc.aux_loss_end), 1.0, 0.0)
+        disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
+
+        def disc_merge(params, stats):
+            g, s, r = nnx.split(disc_abstract, nnx.Param, ...)
+            s = jax.tree.map(lambda v: v, s, is_leaf=lambda v: isinstance(v, nnx.Variable))
+            r = jax.tree.map(lambda v: v, r, is_leaf=lambda v: isinstance(v, nnx.Variable))
+            nnx.replace_by_pure_dict(s, params)
+            nnx.replace_by_pure_dict(r, stats)
+            return nnx.merge(g, s, r)
+
+        target = None
+        if use_hsr:
+            from models.pretrained import dinov2
+
+            teacher = dinov2.merge(state["teacher"], **self._teacher_dims())
+            target = jax.lax.stop_gradient(teacher(dinov2.preprocess(x, self.grid * dinov2.PATCH)))
+
+        def objective(params):
+            model = self.model_def.merge(params, state["rest"])
+            z_q, info, s = model.encode(x)
+            rec_spatial, feat = model.decode_features(z_q, keep=keep, inner_feat=use_hsr)
+            recon = model.decoder(rec_spatial)
+            l2 = jnp.mean(jnp.square(x - recon))
+            out = {"l2_loss": l2, "quantizer_loss": info["quantizer_loss"],
+                   "commitment_loss": info["commitment_loss"], "codebook_loss": info["codebook_loss"]}
+            loss = float(lc.l2_weight) * l2 + float(lc.vq_weight) * info["quantizer_loss"]
+            if float(lc.perceptual_weight) > 0:
+                p = jnp.mean(_merge_lpips(state["lpips"])(x, recon))
+                loss = loss + float(lc.perceptual_weight) * p
+                out["perceptual_loss"] = p
+            fea = jnp.mean(jnp.square(jax.lax.stop_gradient(s) - rec_spatial))
+            loss = loss + float(lc.fea_rec_weight) * aux_on * fea
+            out["fea_rec_loss"] = fea
+            if use_hsr:
+                sem = negative_cosine(feat, target)
+                loss = loss + jnp.mean(w_sem * sem)
+                out.update(semantic_loss=jnp.mean(sem), hsr_weight=jnp.mean(w_sem))
+            disc = disc_merge(state["disc"]["params"], state["disc"]["batch_stats"])
+            g_loss = losses.generator_loss(disc(recon, train=True), "hinge")
+            loss = loss + float(lc.disc_weight) * gan_factor * g_loss
+            usage = quantizers.code_usage(info["indices"], model.quantize.codebook_size)
+            out.update(g_loss=g_loss, code_usage=usage["usage"], code_perplexity=usage["perplexity"])
+            return loss, (out, recon)
+
+        (loss, (aux, recon)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        frozen = {key: jax.tree.map(lambda _: key != "decoder", v) for key, v in grads.items()}
+        grads = jax.tree.map(lambda g, f: jnp.where(finetune & f, 0.0, g), grads, frozen)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = jax.tree.map(lambda new, old, f: jnp.where(finetune & f, old, new), params, state["params"], frozen)
+        rate = float(self.config.ema_rate)
+        ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state["ema_params"], params)
+
+        recon = jax.lax.stop_gradient(recon)
+
+        def d_objective(dparams):
+            disc = disc_merge(dparams, state["disc"]["batch_stats"])
+            real, fake = disc(x, train=True), disc(recon, train=True)
+            d = losses.hinge_d_loss(real, fake)
+            stats = nnx.to_pure_dict(nnx.split(disc, nnx.Param, ...)[2])
+            return gan_factor * d, (d, stats, real, fake)
+
+        (_, (d_loss, stats, real, fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(
+            state["disc"]["params"])
+        d_updates, d_opt = tx.update(d_grads, state["disc"]["opt_state"], state["disc"]["params"])
+        d_params = optax.apply_updates(state["disc"]["params"], d_updates)
+        aux.update(loss=loss, d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
+                   kept_tokens=jnp.mean(k.astype(jnp.float32)), gan_factor=gan_factor,
+                   decoder_finetune=finetune.astype(jnp.float32), grad_norm=optax.global_norm(grads),
+                   lr=schedule(step))
+        return {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state,
+                "disc": {"params": d_params, "batch_stats": stats, "opt_state": d_opt}}, aux
+
+
+_LPIPS_ABSTRACT: list = []
+
+
+def _merge_lpips(params):
+    from tokenizers import losses
+
+    if not _LPIPS_ABSTRACT:
+        _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
+    g, s, r = nnx.split(_LPIPS_ABSTRACT[0], nnx.Param, ...)
+    s = jax.tree.map(lambda v: v, s, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    nnx.replace_by_pure_dict(s, params)
+    return nnx.merge(g, s, r)

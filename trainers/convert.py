@@ -47,7 +47,7 @@ KINDS: dict[str, str] = {
     "maskgit_vqgan": "tokenizers.maskgit_vqgan",
     "titok_maskgit": "models.maskgit",
     "llamagen_gpt": "models.llamagen",
-    "retok_tokenizer": "tokenizers.retok",
+    "retok_tokenizer": "tokenizers.retok", "retok": "tokenizers.retok", "retok_gpt": "tokenizers.retok",
 }
 
 RELATIVE_TOLERANCE = 1e-4

@@ -45,6 +45,7 @@ METHODS: dict[str, str] = {
     "llamagen_gpt": "models.llamagen:LlamaGenGPT",
     "tokenbridge": "models.tokenbridge:TokenBridge",
     "kl_vae": "tokenizers.kl_vae:KLVAEMethod",
+    "retok": "tokenizers.retok:ReTokMethod",
     "one_d_piece": "tokenizers.one_d_piece:OneDPieceMethod", "maskgit_vqgan": "tokenizers.maskgit_vqgan:MaskGITVQGANMethod",
     "maskgit": "models.maskgit:MaskGIT",
     "textok": "tokenizers.textok:TexTokMethod", "textok_dit": "tokenizers.textok:TexTokDiT",

@@ -157,17 +157,21 @@ def params_from_torch(state_dict: dict, *, width: int, depth: int, heads: int, g
     return torch_to_params(sd, expected, what="DINOv2 checkpoint")
 
 
-def load_params(path, *, size: str = "b", grid: int = 16, config_field: str = "config.model.hsr.teacher_path"):
-    """Frozen DINOv2 params from a local ``.pth`` (hub) / ``.bin`` / ``.safetensors`` (Hugging Face)."""
+def load_state_dict(path, config_field: str = "config.model.hsr.teacher_path") -> dict:
+    """A local ``.pth`` (hub) / ``.bin`` / ``.safetensors`` (Hugging Face) DINOv2 state_dict."""
     path = require_file(path, what="DINOv2 weights", config_field=config_field, published=PUBLISHED)
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        sd = dict(load_file(str(path)))
-    else:
-        from trainers import torchfile
+        return dict(load_file(str(path)))
+    from trainers import torchfile
 
-        sd = torchfile.load_state_dict(path)
+    return torchfile.load_state_dict(path)
+
+
+def load_params(path, *, size: str = "b", grid: int = 16, config_field: str = "config.model.hsr.teacher_path"):
+    """Frozen DINOv2 params (``size`` in SIZES) from a local checkpoint, position table at ``grid``."""
+    sd = load_state_dict(path, config_field)
     width, depth, heads = SIZES[size]
     return params_from_torch(sd, width=width, depth=depth, heads=heads, grid=grid)
 
