@@ -61,7 +61,9 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         quant_scheme="gaussian",  # "gaussian" (TokenBridge) | "uniform" (the paper's baseline)
         quant_impl="auto",  # "auto" (Pallas kernel on GPU/TPU, jnp on CPU) | "pallas" | "xla"
         channel_order=CHANNEL_ORDER,  # fixed per-dimension AR order, specific to MAR's KL-16
+        attention_impl="auto",  # encoder/decoder attention: cuDNN on GPU (bf16), splash on TPU, else xla
     ))
+    c.compute_dtype = "bfloat16"  # upstream trains and samples under fp16 autocast; params and norms stay f32
     # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_tokenbridge.py),
     # flips cached (main_cache.py); samples are decoded by the same KL-16.
     common.imagenet256_latents(c, "data_cache/imagenet2012_256_mar_kl16", 0.2325, tokenizer="kl16")
@@ -86,6 +88,8 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.sample.cfg_schedule = "linear"  # "linear" (upstream, on the next step's masked count) | "constant"
     c.sample.use_cache = True  # KV cache in the 16-step channel AR (same samples as without, faster)
     c.sample_batch_size = 256  # upstream eval_bsz
+    if "demo" in variants:
+        c.compute_dtype = "float32"  # CPU: float32 is the fast path there
     if "demo" in variants and "latent" not in variants:
         c.model.update(input_size=32, patch_size=4, in_channels=1, num_classes=10,
                        encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,

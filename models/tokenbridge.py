@@ -104,9 +104,10 @@ class Quantizer:
 class Block(nnx.Module):
     """timm ViT Block (pre-LN, qkv bias, exact-GELU Mlp); dropout where timm puts it (training only)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype,
+                 attention_impl: str = "xla"):
         self.norm1 = layers.LayerNorm(dim)
-        self.attn = layers.Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.attn = layers.Attention(dim, num_heads, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
         self.norm2 = layers.LayerNorm(dim)
         self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), activation=_exact_gelu, rngs=rngs, dtype=dtype)
 
@@ -128,23 +129,25 @@ class CausalBlock(nnx.Module):
     The condition ``c`` is per position (M, L, C); adaLN chunks (shift, scale, gate) x (msa, mlp).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, dtype,
+                 attention_impl: str = "xla"):
         self.norm1 = layers.LayerNorm(dim)
-        self.attn = layers.Attention(dim, num_heads, qk_norm=True, rngs=rngs, dtype=dtype)
+        self.attn = layers.Attention(dim, num_heads, qk_norm=True, rngs=rngs, dtype=dtype,
+                                     attention_impl=attention_impl)
         self.norm2 = layers.LayerNorm(dim)
         self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), activation=_exact_gelu, rngs=rngs, dtype=dtype)
         # adaLN-Zero: upstream zero-initialises this output layer.
         self.adaLN_modulation = layers.dense(dim, 6 * dim, ("embed", "mlp"), kernel_init=layers.zeros,
                                              rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, c, *, mask, kv_cache=None, cache_index=None, attn_dropout=0.0, proj_dropout=0.0,
-                 dropout_rng=None):
+    def __call__(self, x, c, *, mask, kv_valid=None, kv_cache=None, cache_index=None, attn_dropout=0.0,
+                 proj_dropout=0.0, dropout_rng=None):
         r = [None] * 4 if dropout_rng is None else list(jax.random.split(dropout_rng, 4))
         ada = self.adaLN_modulation(nnx.silu(c)).astype(x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(ada, 6, axis=-1)
         h = layers.modulate(self.norm1(x), shift_msa, scale_msa)
-        attn = self.attn(h, mask=mask, kv_cache=kv_cache, cache_index=cache_index, return_kv=kv_cache is not None,
-                         dropout_rate=attn_dropout, dropout_rng=r[0])
+        attn = self.attn(h, mask=mask, kv_valid=kv_valid, kv_cache=kv_cache, cache_index=cache_index,
+                         return_kv=kv_cache is not None, dropout_rate=attn_dropout, dropout_rng=r[0])
         attn, new_kv = attn if kv_cache is not None else (attn, None)
         x = x + gate_msa * layers.dropout(attn, proj_dropout, r[1])
         x = x + gate_mlp * _mlp(self.mlp, layers.modulate(self.norm2(x), shift_mlp, scale_mlp), proj_dropout,
@@ -173,7 +176,7 @@ class TokenBridgeNet(nnx.Module):
                  channel_embed_dim: int, channel_depth: int, channel_heads: int, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, buffer_size: int = 64, attn_dropout: float = 0.0,
                  proj_dropout: float = 0.0, quantizer: Quantizer, channel_order=CHANNEL_ORDER,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 attention_impl: str = "xla", rngs: nnx.Rngs, dtype=jnp.float32):
         order = np.asarray(channel_order, np.int32)
         if sorted(order.tolist()) != list(range(token_dim)):
             raise ValueError(f"channel_order {tuple(order.tolist())} is not a permutation of the {token_dim} "
@@ -188,6 +191,10 @@ class TokenBridgeNet(nnx.Module):
         levels = quantizer.levels
         e, d, c = encoder_embed_dim, decoder_embed_dim, channel_embed_dim
         normal = nnx.initializers.normal(0.02)
+        # attention_impl (layers.ATTENTION_IMPLS) for the encoder and decoder. The encoder's visibility mask is
+        # per sample (traced) and splash attention takes only a static one, so on TPU the encoder keeps the xla
+        # path; the channel AR's 16-long sequences always do (a fused kernel does not pay there).
+        encoder_impl = "xla" if layers.resolve_attention_impl(attention_impl, dtype) == "pallas" else attention_impl
 
         # class embedding; a dropped label takes the learned fake_latent (the guidance null path)
         self.class_emb = nnx.Embed(num_classes, e, embedding_init=nnx.with_partitioning(normal, ("classes", "embed")),
@@ -198,7 +205,8 @@ class TokenBridgeNet(nnx.Module):
         self.z_proj_ln = layers.LayerNorm(e)
         self.encoder_pos_embed_learned = nnx.Param(normal(rngs.params(), (buffer_size + seq_len, e)),
                                                    out_sharding=("position", "embed"))
-        self.encoder_blocks = nnx.List([Block(e, encoder_num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
+        self.encoder_blocks = nnx.List([Block(e, encoder_num_heads, mlp_ratio, rngs=rngs, dtype=dtype,
+                                              attention_impl=encoder_impl)
                                         for _ in range(encoder_depth)])
         self.encoder_norm = layers.LayerNorm(e)
         # MAE decoder
@@ -206,7 +214,8 @@ class TokenBridgeNet(nnx.Module):
         self.mask_token = nnx.Param(normal(rngs.params(), (1, d)), out_sharding=(None, "embed"))
         self.decoder_pos_embed_learned = nnx.Param(normal(rngs.params(), (buffer_size + seq_len, d)),
                                                    out_sharding=("position", "embed"))
-        self.decoder_blocks = nnx.List([Block(d, decoder_num_heads, mlp_ratio, rngs=rngs, dtype=dtype)
+        self.decoder_blocks = nnx.List([Block(d, decoder_num_heads, mlp_ratio, rngs=rngs, dtype=dtype,
+                                              attention_impl=attention_impl)
                                         for _ in range(decoder_depth)])
         self.decoder_norm = layers.LayerNorm(d)
         self.output_pos_embed = nnx.Param(normal(rngs.params(), (seq_len, d)), out_sharding=("position", "embed"))
@@ -295,11 +304,13 @@ class TokenBridgeNet(nnx.Module):
         return self.forward_mae_decoder(enc, ids, valid, dropout_rng=dec_rng)
 
     # --------------------------------------------------------------- channel AR head
-    def _channel_transformer(self, x, c, *, mask, caches=None, cache_index=None, dropout_rng=None):
+    def _channel_transformer(self, x, c, *, mask=None, kv_valid=None, caches=None, cache_index=None,
+                             dropout_rng=None):
         """Blocks -> channel_norm -> final adaLN layer. x, c (M, L, C). Returns (h, new caches)."""
         new = []
         for i, block in enumerate(self.channel_blocks):
-            x, kv = block(x, c, mask=mask, kv_cache=None if caches is None else caches[i], cache_index=cache_index,
+            x, kv = block(x, c, mask=mask, kv_valid=kv_valid, kv_cache=None if caches is None else caches[i],
+                          cache_index=cache_index,
                           attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
                           dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
             new.append(kv)
@@ -320,7 +331,7 @@ class TokenBridgeNet(nnx.Module):
         x = jnp.stack([cond] + [e.astype(cond.dtype) for e in emb], axis=1)  # (M, T, C)
         x = x + self.channel_embed[...].astype(x.dtype)
         c = cond[:, None] + self.timesteps_embeddings[...].astype(cond.dtype)
-        causal = jnp.tril(jnp.ones((self.token_dim, self.token_dim), bool))
+        causal = np.tril(np.ones((self.token_dim, self.token_dim), bool))  # static: a kernel compiles it in
         h, _ = self._channel_transformer(x, c, mask=causal, dropout_rng=dropout_rng)
         kernel, bias = self._head_weights()
         logits = jnp.einsum("mtc,tcv->mtv", h, kernel.astype(h.dtype)) + bias.astype(h.dtype)
@@ -353,6 +364,7 @@ class TokenBridgeNet(nnx.Module):
             return tables[jnp.minimum(step, t_dim - 2)][tok]
 
         positions = jnp.arange(t_dim)
+        causal = np.tril(np.ones((t_dim, t_dim), bool))
         tokens = jnp.zeros((m, t_dim), jnp.int32)
         if use_cache:
             heads = self.channel_num_heads
@@ -364,15 +376,14 @@ class TokenBridgeNet(nnx.Module):
                 x_in, caches, tokens = carry
                 x = (x_in + channel_embed[step])[:, None]
                 c = jax.lax.dynamic_index_in_dim(c_seq, step, axis=1)  # (M, 1, C)
-                mask = (positions <= step)[None, None, None, :]
-                h, caches = self._channel_transformer(x, c, mask=mask, caches=caches, cache_index=step)
+                h, caches = self._channel_transformer(x, c, kv_valid=positions <= step, caches=caches,
+                                                      cache_index=step)
                 tok = pick(h[:, 0], step)
                 return (embed(tok, step), caches, tokens.at[:, step].set(tok)), None
 
             (_, _, tokens), _ = jax.lax.scan(step_cached, (c_seq[:, 0], caches, tokens), positions)
             return tokens
 
-        causal = positions[:, None] >= positions[None, :]
         seq = jnp.zeros((m, t_dim, cond.shape[-1]), cond.dtype).at[:, 0].set(c_seq[:, 0])
 
         def step_full(carry, step):
@@ -549,6 +560,9 @@ class TokenBridge(Method):
             raise ValueError(f"config.model.quant_scheme={m.quant_scheme!r}: must be 'gaussian' or 'uniform'")
         if not m.quant_min < m.quant_max:
             raise ValueError(f"config.model.quant_min={m.quant_min} must be below quant_max={m.quant_max}")
+        if m.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"config.model.attention_impl={m.attention_impl!r}: must be one of "
+                             f"{layers.ATTENTION_IMPLS}")
         if m.quant_impl not in ("auto", "pallas", "xla"):
             raise ValueError(f"config.model.quant_impl={m.quant_impl!r}: must be 'auto', 'pallas' or 'xla'")
         if s.num_steps < 1:
@@ -576,7 +590,8 @@ class TokenBridge(Method):
             channel_embed_dim=m.channel_embed_dim, channel_depth=m.channel_depth, channel_heads=m.channel_heads,
             mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, buffer_size=m.buffer_size,
             attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, quantizer=self.quantizer(),
-            channel_order=tuple(m.channel_order), rngs=rngs, dtype=jnp.dtype(self.config.compute_dtype))
+            channel_order=tuple(m.channel_order), attention_impl=m.attention_impl, rngs=rngs,
+            dtype=jnp.dtype(self.config.compute_dtype))
 
     def to_tokens(self, x: jax.Array) -> jax.Array:
         return layers.patchify(x.astype(jnp.float32), self.config.model.patch_size)

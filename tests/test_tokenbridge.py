@@ -36,6 +36,7 @@ def _fixture_config(meta):
         channel_embed_dim=a["channel_embed_dim"], channel_depth=a["channel_depth"], channel_heads=a["channel_heads"],
         num_classes=a["class_num"])
     config.data.num_classes = a["class_num"]
+    config.compute_dtype = "float32"  # the fixtures are float32 (the ImageNet configs compute in bfloat16)
     return config
 
 
