@@ -45,7 +45,7 @@ KINDS: dict[str, str] = {
     "tokenbridge": "models.tokenbridge",
     "one_d_piece": "tokenizers.one_d_piece",
     "maskgit_vqgan": "tokenizers.maskgit_vqgan",
-    "titok_maskgit": "models.maskgit",
+    "titok_maskgit": "models.maskgit", "maskgit": "models.maskgit",
     "llamagen_gpt": "models.llamagen",
     "retok_tokenizer": "tokenizers.retok", "retok": "tokenizers.retok", "retok_gpt": "tokenizers.retok",
 }
