@@ -71,6 +71,8 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.optim.grad_clip = 1.0
         c.checkpoint_every = 400
         c.sample.cfg_channels = 1
+        if objective == "ddpm":  # pixel space: clip x_0 to [-1, 1] as ADM's pixel models (DiT's latents: no clip)
+            c.sample.clip_denoised = True
     return c
 
 
