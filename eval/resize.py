@@ -119,3 +119,65 @@ def to_inception_input(images, size: int, mode: str = DEFAULT):
         # pytorch-fid resizes [0, 1] images and maps them to [-1, 1].
         return 2.0 * resize(x / 255.0, (size, size), mode) - 1.0
     return (resize(x, (size, size), mode) - 128.0) / 128.0
+
+
+# ----------------------------------------------------------------------------
+# PyTorch-exact ``F.interpolate`` modes for feature maps (TokenFlow's multi-scale quantizer)
+# ----------------------------------------------------------------------------
+
+
+def torch_area_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) weights of ``F.interpolate(mode="area")`` = ``adaptive_avg_pool``: output i averages
+    input floor(i*in/out) .. ceil((i+1)*in/out) - 1 (overlapping bins when in % out != 0)."""
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        lo = (i * in_size) // out_size
+        hi = -((-(i + 1) * in_size) // out_size)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def _torch_cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    # ATen upsample_bicubic2d get_cubic_upsample_coefficients (cubic convolution, A = -0.75).
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) weights of ``F.interpolate(mode="bicubic", align_corners=False, antialias=False)``:
+    src = (dst + 0.5) * in/out - 0.5 (not clamped), taps floor(src) - 1 .. floor(src) + 2 clamped
+    to the border, cubic-convolution weights with A = -0.75 (torch's, not Keys' -0.5)."""
+    scale = np.float32(in_size / out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    idx = np.floor(src).astype(np.int64)
+    w = _torch_cubic_weights((src - idx).astype(np.float64))
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        for j in range(4):
+            m[i, min(max(idx[i] - 1 + j, 0), in_size - 1)] += w[i, j]
+    return m
+
+
+def _separable(x, mh: np.ndarray, mw: np.ndarray):
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.einsum("bhwc,ow->bhoc", x, jnp.asarray(mw, jnp.float32), precision=hi)
+    return jnp.einsum("bhwc,oh->bowc", y, jnp.asarray(mh, jnp.float32), precision=hi)
+
+
+def torch_area(x, size: tuple[int, int]):
+    """``F.interpolate(mode="area")`` of (b, h, w, c) feature maps (any range, no clipping)."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return x
+    return _separable(x, torch_area_matrix(x.shape[1], size[0]), torch_area_matrix(x.shape[2], size[1]))
+
+
+def torch_bicubic(x, size: tuple[int, int]):
+    """``F.interpolate(mode="bicubic", align_corners=False)`` of (b, h, w, c) maps (no clipping)."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return x
+    return _separable(x, torch_bicubic_matrix(x.shape[1], size[0]), torch_bicubic_matrix(x.shape[2], size[1]))

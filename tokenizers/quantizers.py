@@ -160,3 +160,126 @@ class VectorQuantizer(nnx.Module):
 
     def __call__(self, z: jax.Array):
         return self.quantize_indices(z, self.nearest(z))
+
+
+# ----------------------------------------------------------------------------
+# TokenFlow: one index over two codebooks, and multi-scale residual quantization
+# ----------------------------------------------------------------------------
+
+
+def entropy_loss(affinity: jax.Array, temperature: float = 0.01) -> jax.Array:
+    """LlamaGen/TokenFlow ``compute_entropy_loss(affinity)`` (softmax type): mean per-vector entropy
+    of softmax(affinity / T) minus the entropy of the mean distribution (both over the last axis)."""
+    a = affinity.reshape(-1, affinity.shape[-1]).astype(jnp.float32) / temperature
+    probs = jax.nn.softmax(a, axis=-1)
+    log_probs = jax.nn.log_softmax(a + 1e-5, axis=-1)
+    avg = jnp.mean(probs, axis=0)
+    avg_entropy = -jnp.sum(avg * jnp.log(avg + 1e-5))
+    sample_entropy = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
+    return sample_entropy - avg_entropy
+
+
+class SharedIndexQuantizer(nnx.Module):
+    """TokenFlow's dual codebook: a semantic and a pixel codebook of the same size K, one index.
+
+    z (..., split[0] + split[1]) is split into its semantic and pixel parts; each part and each
+    codebook is l2-normalised on its own (``semantic``/``pixel`` are :class:`VectorQuantizer` with
+    ``use_l2_norm``), and the shared index is ``argmin_k d_sem[k] + distance_weight * d_pix[k]``
+    (the paper's w_dis; upstream hard-codes 1.0). z_q = concat(e_sem[i], e_pix[i]); losses on the
+    concatenated normalised vectors (vq = mean((z_q - sg(z))^2), commitment = beta * mean((sg(z_q) -
+    z)^2)), the entropy term ``entropy_loss_ratio * entropy_loss(-d)``, and the distance norms
+    ``vqkd_d_norm``/``vqgan_d_norm`` = mean over vectors of sum_k d^2 (upstream logs them).
+    """
+
+    def __init__(self, codebook_size: int, split: tuple[int, int], *, commitment_cost: float = 0.25,
+                 distance_weight: float = 1.0, entropy_loss_ratio: float = 0.0,
+                 entropy_temperature: float = 0.01, estimator: str = "straight_through", rngs: nnx.Rngs,
+                 codebook_init=uniform_codebook_init):
+        self.split = tuple(int(s) for s in split)
+        self.codebook_size = codebook_size
+        self.distance_weight = float(distance_weight)
+        self.entropy_loss_ratio = float(entropy_loss_ratio)
+        self.entropy_temperature = float(entropy_temperature)
+        self.commitment_cost = commitment_cost
+        if estimator not in GRADIENT_ESTIMATORS:
+            raise ValueError(f"quantizer estimator={estimator!r}: one of {sorted(GRADIENT_ESTIMATORS)}")
+        self.estimator = estimator
+        kw = dict(commitment_cost=commitment_cost, use_l2_norm=True, rngs=rngs, codebook_init=codebook_init)
+        self.semantic = VectorQuantizer(codebook_size, self.split[0], **kw)
+        self.pixel = VectorQuantizer(codebook_size, self.split[1], **kw)
+
+    def _parts(self, z):
+        return z[..., :self.split[0]], z[..., self.split[0]:]
+
+    def distances(self, z: jax.Array):
+        """(d_sem, d_pix), each (..., K)."""
+        zs, zp = self._parts(z)
+        return self.semantic.distances(zs), self.pixel.distances(zp)
+
+    def nearest(self, z: jax.Array) -> jax.Array:
+        d_sem, d_pix = self.distances(z)
+        return jnp.argmin(d_sem + self.distance_weight * d_pix, axis=-1).astype(jnp.int32)
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """(...) -> (..., split[0] + split[1]) concatenated normalised codes (``get_codebook_entry``)."""
+        return jnp.concatenate([self.semantic.lookup(indices), self.pixel.lookup(indices)], axis=-1)
+
+    def __call__(self, z: jax.Array):
+        zs, zp = self._parts(z)
+        d_sem, d_pix = self.semantic.distances(zs), self.pixel.distances(zp)
+        d = d_sem + self.distance_weight * d_pix
+        indices = jnp.argmin(d, axis=-1).astype(jnp.int32)
+        zn = jnp.concatenate([self.semantic.prepare(zs), self.pixel.prepare(zp)], axis=-1)
+        z_q = self.lookup(indices)
+        info = vq_losses(zn, z_q, self.commitment_cost)
+        info["indices"] = indices
+        info["entropy_loss"] = (self.entropy_loss_ratio * entropy_loss(-d, self.entropy_temperature)
+                                if self.entropy_loss_ratio else jnp.zeros((), jnp.float32))
+        info["vqkd_d_norm"] = jnp.mean(jnp.sum(jnp.square(d_sem.reshape(-1, d.shape[-1])), axis=-1))
+        info["vqgan_d_norm"] = jnp.mean(jnp.sum(jnp.square(d_pix.reshape(-1, d.shape[-1])), axis=-1))
+        return GRADIENT_ESTIMATORS[self.estimator](zn, z_q), info
+
+
+def multiscale_residual_quantize(quantizer, h: jax.Array, scales, *, down, up, keep=None):
+    """VAR-style residual quantization over a list of grid sizes (TokenFlow ``encode``).
+
+    h (B, S, S, C). For each scale s: r_s = down(residual, s) (area), (q_s, info_s) = quantizer(r_s),
+    q_up = up(q_s, S) (bicubic; identity at s == S); f += q_up; residual -= sg(q_up). ``down``/``up``
+    are ``(x, (h, w)) -> x`` resizes (``eval.resize.torch_area`` / ``torch_bicubic``).
+
+    ``keep`` (n_scales,) float/bool, optional: 0 drops a scale (it neither adds to f nor changes the
+    residual and is left out of the loss mean), which equals removing it from the list while keeping
+    shapes static (TokenFlow's training-time random scale drop). Returns (f, indices (B, sum s^2)
+    int32 coarse-to-fine row-major per scale, dropped scales' indices included as computed, losses =
+    the mean over kept scales of every scalar in info, per_scale = list of (r_s, q_s, info_s)).
+    """
+    b, size = h.shape[0], h.shape[1]
+    residual, f = h, jnp.zeros_like(h)
+    keep = jnp.ones((len(scales),), jnp.float32) if keep is None else jnp.asarray(keep, jnp.float32)
+    indices, per_scale, sums = [], [], {}
+    for k, s in enumerate(scales):
+        r = down(residual, (s, s))
+        q, info = quantizer(r)
+        q_up = up(q, (size, size)) * keep[k]
+        f = f + q_up
+        residual = residual - jax.lax.stop_gradient(q_up)
+        indices.append(info["indices"].reshape(b, s * s))
+        per_scale.append((r, q, info))
+        for name, value in info.items():
+            if name != "indices" and jnp.ndim(value) == 0:
+                sums[name] = sums.get(name, 0.0) + keep[k] * value
+    n = jnp.maximum(jnp.sum(keep), 1.0)
+    return f, jnp.concatenate(indices, axis=1), {k: v / n for k, v in sums.items()}, per_scale
+
+
+def multiscale_decode_indices(quantizer, indices: jax.Array, scales, size: int, *, up) -> jax.Array:
+    """(B, sum s^2) indices -> f (B, size, size, C): the sum over scales of up(lookup(codes_s)) (TokenFlow
+    ``decode_code`` before the decoders)."""
+    f, at = 0.0, 0
+    for s in scales:
+        codes = quantizer.lookup(indices[:, at:at + s * s]).reshape(indices.shape[0], s, s, -1)
+        f = f + up(codes, (size, size))
+        at += s * s
+    if at != indices.shape[1]:
+        raise ValueError(f"indices have {indices.shape[1]} tokens, scales {tuple(scales)} need {at}")
+    return f
