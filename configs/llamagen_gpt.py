@@ -2,8 +2,13 @@
 tokenizer's cached codes (models/llamagen.py).
 
 Variants (comma-separated): the size "b" (111M), "l" (343M, default), "xl" (775M); "demo" (a tiny GPT
-on the embedded digits' cached codes of a zoo tokenizer workdir: pass
-``--config.data.latents=CACHE --config.tokenizer.workdir=TOKENIZER_WORKDIR``).
+on the embedded digits' cached codes of a configs/retok_ss.py:demo workdir: pass
+``--config.data.latents=CACHE --config.tokenizer.workdir=TOKENIZER_WORKDIR``):
+
+    python -m trainers.main --config=configs/retok_ss.py:demo --workdir=TOK
+    python -m trainers.cache_latents --tokenizer_workdir=TOK --out=CODES
+    python -m trainers.main --config=configs/llamagen_gpt.py:demo --workdir=GPT \\
+        --config.data.latents=CODES --config.tokenizer.workdir=TOK
 
     python -m trainers.main --config=configs/llamagen_gpt.py:xl --workdir=DIR \\
         --config.data.latents=data_cache/imagenet2012_256_retok_sb --config.tokenizer.workdir=RETOK_WORKDIR
@@ -66,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.top_k = 0
     c.sample.top_p = 1.0
     if demo:
-        c.model.update(vocab_size=64, block_size=16, dim=64, n_layer=2, n_head=4,
+        # The codes of a configs/retok_ss.py:demo tokenizer: its first N = 64 codes of 512.
+        c.model.update(vocab_size=512, block_size=64, dim=64, n_layer=2, n_head=4,
                        token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
         common.embedded_demo_data(c, image_size=32)
         c.data.latents = "data_cache/mnist_embedded_codes"

@@ -170,6 +170,7 @@ def test_tokenizer_phases_and_the_gpt_on_its_cached_codes_train_in_the_one_loop(
     c = _config()
     c.data.cache_dir = str(tmp_path / "data")
     c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 4, 3, 1, 3
+    c.optim.warmup_steps = 1
     c.num_grid_samples, c.sample_batch_size = 4, 4
     c.model.hsr.update(weight=0.5, teacher_path=str(tmp_path / "dino.safetensors"), teacher_width=24,
                        teacher_depth=1, teacher_heads=2)
@@ -183,11 +184,22 @@ def test_tokenizer_phases_and_the_gpt_on_its_cached_codes_train_in_the_one_loop(
     assert [r["gan_factor"] for r in m] == [0.0, 1.0, 1.0] and [r["decoder_finetune"] for r in m] == [0, 0, 1]
     assert m[2]["hsr_weight"] == 0.0 and all(4 <= r["kept_tokens"] <= 28 for r in m)
 
+    # A decoder-only step (step >= decoder_finetune_start) moves the CNN pixel decoder and nothing else.
+    from trainers.method import get_method
+
+    rng = np.random.RandomState(0)
+    inner = {key: v for key, v in state.items() if key != "rng"}
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (4, 16, 16, 1)), jnp.float32), "label": jnp.zeros(4, jnp.int32)}
+    new, step_metrics = jax.jit(get_method(c).train_step)(inner, batch, jax.random.PRNGKey(5))
+    assert float(step_metrics["decoder_finetune"]) == 1.0
+    for key in inner["params"]:
+        same = [np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(jax.tree.leaves(inner["params"][key]), jax.tree.leaves(new["params"][key]))]
+        assert (not all(same)) if key == "decoder" else all(same), key
+
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     tok_config, params, rest = cache_latents.load_workdir_tokenizer(str(tmp_path / "tok"), mesh, use_ema=False)
-    # The decoder-only phase (step 3) moved only the CNN pixel decoder.
-    assert tok_config.model.name == "retok" and state["step"] == 3
-    rng = np.random.RandomState(0)
+    assert tok_config.model.name == "retok"
     npz = tmp_path / "images.npz"
     np.savez(npz, images=rng.randint(0, 255, (8, 16, 16, 1)).astype(np.uint8), labels=rng.randint(0, 10, 8))
     meta = cache_latents.write_cache(tok_config, params, str(tmp_path / "codes"), npz=str(npz), batch_size=4,
@@ -200,6 +212,7 @@ def test_tokenizer_phases_and_the_gpt_on_its_cached_codes_train_in_the_one_loop(
     g.data.image_size = 16
     g.tokenizer.workdir = str(tmp_path / "tok")
     g.batch_size, g.num_steps, g.log_every, g.checkpoint_every = 4, 2, 1, 2
+    g.optim.warmup_steps = 1
     g.num_grid_samples, g.sample_batch_size, g.eval.num_samples = 4, 4, 0
     config_validation.validate(g)
     train.train_and_evaluate(g, str(tmp_path / "gpt"))

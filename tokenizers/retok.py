@@ -852,7 +852,7 @@ class ReTokMethod(Method):
         d_params = optax.apply_updates(state["disc"]["params"], d_updates)
         aux.update(loss=loss, d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
                    kept_tokens=jnp.mean(k.astype(jnp.float32)), gan_factor=gan_factor,
-                   decoder_finetune=finetune.astype(jnp.float32), grad_norm=optax.global_norm(grads),
+                   decoder_finetune=finetune.astype(jnp.float32), grad_norm=optax.tree.norm(grads),
                    lr=schedule(step))
         return {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state,
                 "disc": {"params": d_params, "batch_stats": stats, "opt_state": d_opt}}, aux
