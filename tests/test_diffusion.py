@@ -134,7 +134,8 @@ def test_ddpm_sampler_is_the_p_sample_loop_with_guidance(tiny_ddpm):
     d = diffusion.create_diffusion("3")
     x = jnp.concatenate([z, z])
     for i, key in zip([2, 1, 0], jax.random.split(rng_loop, 3)):
-        x = d.p_sample(net, x, jnp.full((4,), i), jax.random.normal(key, x.shape))["sample"]
+        x = d.p_sample(net, x, jnp.full((4,), i), jax.random.normal(key, x.shape),
+                       clip_denoised=config.sample.clip_denoised)["sample"]
     np.testing.assert_allclose(ours, x[:2], atol=1e-4)
     ddim = method.sample(model, rng, labels, num_steps=3, cfg_scale=1.0, method="ddim")
     assert ddim.shape == ours.shape and np.all(np.isfinite(np.asarray(ddim)))

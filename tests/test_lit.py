@@ -211,7 +211,7 @@ def test_sampler_is_dits_p_sample_loop():
     rng_init, rng_loop = jax.random.split(jax.random.PRNGKey(0))
     d = diffusion.create_diffusion("2")
     ref = d.p_sample_loop(lambda x, t: model(x, t, jnp.array([1, 2])), rng_loop,
-                          jax.random.normal(rng_init, out.shape))
+                          jax.random.normal(rng_init, out.shape), clip_denoised=config.sample.clip_denoised)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
