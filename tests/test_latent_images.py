@@ -38,6 +38,7 @@ def _xar_config(kl16_path):
 
     meta = json.loads((GOLDEN / "xar_net.json").read_text())["constructor"]
     c = xar_b.get_config(None)
+    c.compute_dtype = "float32"  # accelerator configs default to bfloat16; this test runs on CPU
     c.model.update(hidden_size=meta["encoder_embed_dim"], encoder_depth=meta["encoder_depth"],
                    decoder_depth=meta["decoder_depth"], num_heads=meta["encoder_num_heads"],
                    attn_dropout=0.0, proj_dropout=0.0)

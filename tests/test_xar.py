@@ -42,6 +42,7 @@ def test_importer_reads_an_upstream_state_dict_for_a_config():
     """``trainers.convert import xar`` path: upstream keys -> params of the model a config describes."""
     _, params, buffers, inputs, outputs = convert.load_fixture(GOLDEN / "xar_net.npz")
     config = xar_b.get_config()
+    config.compute_dtype = "float32"  # the fixture's dtype (accelerator configs default to bfloat16)
     config.model.update(hidden_size=64, encoder_depth=2, decoder_depth=2, num_heads=4)
     imported = xar.IMPORTERS["xar"]({**params, **buffers}, config)
     model_def = ModelDef(get_method(config))
