@@ -218,3 +218,23 @@ def test_tokenizer_phases_and_the_gpt_on_its_cached_codes_train_in_the_one_loop(
     train.train_and_evaluate(g, str(tmp_path / "gpt"))
     assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "gpt"))
     assert list((tmp_path / "gpt" / "samples").glob("*.png"))  # GPT codes decoded through the tokenizer
+
+
+def test_importer_builds_from_the_run_config(golden):
+    from configs import retok_ss
+
+    meta, params, buffers, _, _ = convert.load_fixture(golden / "retok_tokenizer.npz")
+    kw = retok.fixture_kwargs(meta)
+    c = retok_ss.get_config("released")
+    m = c.model
+    c.data.image_size, c.data.channels = kw["image_size"], 3
+    m.ch, m.ch_mult, m.num_res_blocks, m.z_channels = kw["ch"], kw["ch_mult"], kw["num_res_blocks"], kw["z_channels"]
+    for part, size in (("encoder", kw["encoder_size"]), ("decoder", kw["decoder_size"])):
+        m[part].update(width=size[0], depth=size[1], heads=size[2])
+    m.codebook_size, m.distill_depth, m.out_inner_dim = kw["codebook_size"], kw["distill_depth"], kw["out_inner_dim"]
+    imported = retok.IMPORTERS["retok"]({"ema": {**params, **buffers}}, c)
+    np.testing.assert_array_equal(imported["s2to1encoder"]["latent_token_positional_embedding_comp"],
+                                  params["s2to1encoder.latent_token_positional_embedding_comp"][:, 0])
+    m.num_padding = 0  # a checkpoint with padding does not fit a tokenizer without it
+    with pytest.raises(ValueError, match="does not fit"):
+        retok.IMPORTERS["retok"](params, c)
