@@ -30,6 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from eval.resize import torch_area, torch_bicubic
@@ -188,6 +189,107 @@ class TaskLayer(nnx.Module):
 
 
 # ----------------------------------------------------------------------------
+# Semantic encoder (student; the teacher's architecture) and the tokenizer
+# ----------------------------------------------------------------------------
+
+
+class SemanticEncoder(nnx.Module):
+    """``encoder_vqkd``: a CLIP-style ViT (class token, position table, ``ln_pre``, pre-LN blocks,
+    ``ln_post``) returning the patch tokens (B, g*g, width) (``return_patch_tokens=True``). The same
+    network, frozen, is the demo teacher (upstream initialises the student from the teacher)."""
+
+    def __init__(self, *, in_channels: int, width: int, depth: int, heads: int, patch_size: int, grid: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.conv1 = vit.PatchEmbed(in_channels, width, patch_size, rngs=rngs, use_bias=False, dtype=dtype)
+        self.class_embedding = vit.learned_embedding(rngs, (1, 1, width), width**-0.5, (None, None, "embed"))
+        self.positional_embedding = vit.learned_embedding(rngs, (1, grid * grid + 1, width), width**-0.5,
+                                                          (None, "position", "embed"))
+        self.ln_pre = vit.layer_norm(width, rngs=rngs)
+        self.blocks = nnx.List([vit.ResidualAttentionBlock(width, heads, rngs=rngs, dtype=dtype) for _ in range(depth)])
+        self.ln_post = vit.layer_norm(width, rngs=rngs)
+
+    def __call__(self, x):
+        t = self.conv1(x)
+        b, n, w = t.shape
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(t.dtype), (b, 1, w))
+        grid = int(round(n**0.5))
+        t = jnp.concatenate([cls, t], axis=1) + interpolate_pos_embed(self.positional_embedding[...], grid).astype(t.dtype)
+        t = self.ln_pre(t).astype(t.dtype)
+        for block in self.blocks:
+            t = block(t)
+        return self.ln_post(t[:, 1:])
+
+
+class TokenFlow(nnx.Module):
+    """The dual-branch tokenizer. ``encode(x)`` -> dict with ``indices`` (B, sum s^2) int32, ``quant`` f
+    (B, g, g, 40), ``semantic_codes`` f[..., :32], ``semantic_features`` (B, g*g, teacher_dim) (the
+    decoded teacher-space features), and the scale-mean losses; ``decode(f)`` -> (semantic features,
+    image); ``decode_code(indices)`` -> the same from indices."""
+
+    def __init__(self, *, image_size: int, in_channels: int = 3, patch_size: int, sem_width: int, sem_depth: int,
+                 sem_heads: int, ch: int, ch_mult, num_res_blocks: int, z_channels: int, dec_ch: int,
+                 dec_num_res_blocks: int, codebook_size: int, semantic_code_dim: int = 32, pixel_code_dim: int = 8,
+                 commitment_cost: float = 0.25, entropy_loss_ratio: float = 0.0, distance_weight: float = 1.0,
+                 scales=(1, 2, 4), vqkd_width: int, vqkd_depth: int = 3, vqkd_heads: int, teacher_dim: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.grid = image_size // 2 ** (len(ch_mult) - 1)
+        if image_size // patch_size != self.grid:
+            raise ValueError(f"semantic grid image_size/patch_size={image_size // patch_size} != pixel grid "
+                             f"image_size/2^(len(ch_mult)-1)={self.grid}")
+        if max(scales) != self.grid:
+            raise ValueError(f"scales {tuple(scales)} must end at the grid {self.grid}")
+        self.scales = tuple(int(s) for s in scales)
+        self.split = (semantic_code_dim, pixel_code_dim)
+        self.encoder_vqkd = SemanticEncoder(in_channels=in_channels, width=sem_width, depth=sem_depth, heads=sem_heads,
+                                            patch_size=patch_size, grid=self.grid, rngs=rngs, dtype=dtype)
+        self.encode_task_layer = TaskLayer(sem_width, semantic_code_dim, rngs=rngs, dtype=dtype)
+        self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
+                               in_channels=in_channels, rngs=rngs)
+        self.quant_conv = conv(z_channels, pixel_code_dim, 1, rngs)
+        self.quantize = quantizers.SharedIndexQuantizer(codebook_size, self.split, commitment_cost=commitment_cost,
+                                                        entropy_loss_ratio=entropy_loss_ratio,
+                                                        distance_weight=distance_weight, rngs=rngs)
+        self.post_quant_conv = conv(pixel_code_dim, z_channels, 1, rngs)
+        self.decoder = Decoder(ch=dec_ch, ch_mult=ch_mult, num_res_blocks=dec_num_res_blocks, z_channels=z_channels,
+                               out_channels=in_channels, rngs=rngs)
+        self.decoder_vqkd = SemanticDecoder(in_chans=semantic_code_dim, width=vqkd_width, depth=vqkd_depth,
+                                            heads=vqkd_heads, grid=self.grid, rngs=rngs, dtype=dtype)
+        self.decode_task_layer = TaskLayer(vqkd_width, teacher_dim, rngs=rngs, dtype=dtype)
+
+    def features(self, x):
+        """h = concat(semantic 32-d, pixel 8-d) on the (B, g, g) grid, before quantization."""
+        b = x.shape[0]
+        sem = self.encode_task_layer(self.encoder_vqkd(x)).reshape(b, self.grid, self.grid, -1)
+        return jnp.concatenate([sem.astype(jnp.float32), self.quant_conv(self.encoder(x)).astype(jnp.float32)], -1)
+
+    def encode(self, x, *, keep=None):
+        f, indices, losses, _ = quantizers.multiscale_residual_quantize(
+            self.quantize, self.features(x), self.scales, down=torch_area, up=torch_bicubic, keep=keep)
+        sem_feat = self.decode_task_layer(self.decoder_vqkd(f[..., :self.split[0]]))
+        return {"indices": indices, "quant": f, "semantic_codes": f[..., :self.split[0]],
+                "semantic_features": sem_feat, **losses}
+
+    def decode(self, f):
+        sem = self.decode_task_layer(self.decoder_vqkd(f[..., :self.split[0]]))
+        return sem, self.decoder(self.post_quant_conv(f[..., self.split[0]:]))
+
+    def decode_code(self, indices):
+        return self.decode(quantizers.multiscale_decode_indices(self.quantize, indices, self.scales, self.grid,
+                                                                up=torch_bicubic))
+
+
+def scale_keep(rng, n_scales: int, prob: float) -> jax.Array:
+    """(n_scales,) keep mask: with probability ``prob`` one uniformly chosen non-first scale is 0
+    (upstream ``drop_scale``, python ``random``)."""
+    k_drop, k_which = jax.random.split(rng)
+    if n_scales < 2 or prob <= 0:
+        return jnp.ones((n_scales,), jnp.float32)
+    drop = jax.random.uniform(k_drop) < prob
+    which = jax.random.randint(k_which, (), 1, n_scales)
+    return 1.0 - (drop & (jnp.arange(n_scales) == which)).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------
 # Fixture checks
 # ----------------------------------------------------------------------------
 
@@ -325,3 +427,260 @@ def fixture_check_pixel(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
 
 
 FIXTURE_CHECKS = {"tokenflow_vq": fixture_check_vq, "tokenflow_pixel": fixture_check_pixel}
+
+
+# ----------------------------------------------------------------------------
+# Training (vq_train.py + vq_loss.py) in the one loop
+# ----------------------------------------------------------------------------
+
+STAGES = ("joint", "decoder")  # the whole tokenizer | only the pixel ``decoder.*`` (--finetune_decoder)
+
+
+def model_kwargs(config) -> dict:
+    """TokenFlow constructor arguments from ``config.model`` / ``config.data``."""
+    m = config.model
+    enhanced = bool(m.enhanced_decoder)
+    return dict(image_size=int(config.data.image_size), in_channels=int(config.data.channels),
+                patch_size=int(m.patch_size), sem_width=int(m.semantic.width), sem_depth=int(m.semantic.depth),
+                sem_heads=int(m.semantic.heads), ch=int(m.ch), ch_mult=tuple(int(v) for v in m.ch_mult),
+                num_res_blocks=int(m.num_res_blocks), z_channels=int(m.z_channels),
+                dec_ch=int(m.enhanced_ch if enhanced else m.ch),
+                dec_num_res_blocks=int(m.enhanced_num_res_blocks if enhanced else m.num_res_blocks),
+                codebook_size=int(m.codebook_size), semantic_code_dim=int(m.semantic_code_dim),
+                pixel_code_dim=int(m.pixel_code_dim), commitment_cost=float(m.commitment_cost),
+                entropy_loss_ratio=float(m.entropy_loss_ratio), distance_weight=float(m.distance_weight),
+                scales=tuple(int(s) for s in m.scales), vqkd_width=int(m.vqkd.width), vqkd_depth=int(m.vqkd.depth),
+                vqkd_heads=int(m.vqkd.heads), teacher_dim=int(m.semantic.width))
+
+
+def _teacher_kwargs(kwargs) -> dict:
+    return dict(in_channels=kwargs["in_channels"], width=kwargs["sem_width"], depth=kwargs["sem_depth"],
+                heads=kwargs["sem_heads"], patch_size=kwargs["patch_size"],
+                grid=kwargs["image_size"] // kwargs["patch_size"])
+
+
+def semantic_loss(feat, target):
+    """mean over tokens of 1 - cos(decoded semantic features, frozen teacher features) (vq_loss.py)."""
+    a, b = quantizers.l2_normalize(feat.astype(jnp.float32)), quantizers.l2_normalize(target.astype(jnp.float32))
+    return jnp.mean(1.0 - jnp.sum(a * b, axis=-1))
+
+
+from trainers.method import Method, ModelDef  # noqa: E402
+
+
+class TokenFlowMethod(Method):
+    """TokenFlow tokenizer training (vq_train.py): Adam (0.9, 0.95), no weight decay, clip 1.0; generator
+    loss = L2 + LPIPS + disc_weight x hinge G (PatchGAN, from ``disc_start``) + VQ (codebook +
+    commitment + entropy) + semantic 1 - cos to the frozen teacher; the discriminator steps every
+    iteration. Stages: ``stage = "joint"`` trains all, then from ``decoder_finetune_start`` (or from
+    step 0 with ``stage = "decoder"``) only the pixel ``decoder`` trains (--finetune_decoder); with
+    ``enhanced_decoder`` the decoder is the 256-channel, 4-res-block one (trained on the frozen rest
+    when ``stage = "decoder"``). Random scale drop with ``scale_drop_prob`` in training.
+
+    The teacher: ``teacher = "student_init"`` (the demo) freezes a copy of the semantic encoder's
+    initial weights, which is what upstream's student starts from; CLIP/SigLIP/ViTamin teacher ports
+    are not part of this file.
+    """
+
+    kind = "tokenizer"
+    latent_type = "codes"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kwargs = model_kwargs(config)
+        self._model_def = None
+        self._frozen = {}
+
+    def validate_config(self, config) -> None:
+        m = config.model
+        try:
+            kw = model_kwargs(config)
+        except (AttributeError, KeyError) as e:
+            raise ValueError(f"config.model is missing a TokenFlow field: {e}") from e
+        f = 2 ** (len(kw["ch_mult"]) - 1)
+        if kw["image_size"] % f or kw["image_size"] // f != kw["image_size"] // kw["patch_size"]:
+            raise ValueError(f"config.model.patch_size={kw['patch_size']} and ch_mult={kw['ch_mult']} must give the "
+                             f"same grid for config.data.image_size={kw['image_size']}")
+        grid = kw["image_size"] // f
+        scales = kw["scales"]
+        if list(scales) != sorted(set(scales)) or scales[-1] != grid or scales[0] < 1:
+            raise ValueError(f"config.model.scales={scales}: strictly increasing, ending at the grid {grid}")
+        for w in {kw["ch"], kw["dec_ch"], kw["z_channels"]} | {kw["ch"] * v for v in kw["ch_mult"]} | \
+                {kw["dec_ch"] * v for v in kw["ch_mult"]}:
+            if w % GROUPS:
+                raise ValueError(f"config.model.ch/enhanced_ch/z_channels: width {w} is not a multiple of 32 (GroupNorm)")
+        if m.stage not in STAGES:
+            raise ValueError(f"config.model.stage={m.stage!r}: one of {STAGES}")
+        if m.teacher != "student_init":
+            raise ValueError(f"config.model.teacher={m.teacher!r}: only 'student_init' is available in this port")
+        if not 0.0 <= float(m.scale_drop_prob) <= 1.0:
+            raise ValueError(f"config.model.scale_drop_prob={m.scale_drop_prob}: a probability")
+        if float(m.loss.perceptual_weight) > 0:
+            if int(config.data.channels) != 3:
+                raise ValueError("config.model.loss.perceptual_weight > 0 needs RGB data (LPIPS-VGG16)")
+            self.lpips_params()
+
+    def create_model(self, rngs: nnx.Rngs) -> TokenFlow:
+        return TokenFlow(**self.kwargs, rngs=rngs)
+
+    @property
+    def model_def(self) -> ModelDef:
+        if self._model_def is None:
+            self._model_def = ModelDef(self)
+        return self._model_def
+
+    def encode(self, model: TokenFlow, images):
+        """images (B, H, W, C) in [-1, 1] -> multi-scale indices (B, sum s^2) int32."""
+        return model.encode(images)["indices"]
+
+    def decode(self, model: TokenFlow, codes):
+        return jnp.clip(model.decode_code(codes)[1], -1.0, 1.0)
+
+    def reconstruct(self, model: TokenFlow, images):
+        return jnp.clip(model.decode(model.encode(images)["quant"])[1], -1.0, 1.0)
+
+    def loss(self, model, batch, rng):
+        raise TypeError("tokenflow trains with its own train_step (init_train_state/train_step)")
+
+    def lpips_params(self):
+        if "lpips" not in self._frozen:
+            from tokenizers import losses
+
+            lc = self.config.model.loss
+            self._frozen["lpips"] = losses.load_lpips_params(lc.vgg_path, lc.get("lpips_lin_path", ""))
+        return self._frozen["lpips"]
+
+    def _discriminator(self, rngs):
+        from tokenizers import losses
+
+        lc = self.config.model.loss
+        return losses.NLayerDiscriminator(in_channels=self.kwargs["in_channels"], ndf=int(lc.disc_ndf),
+                                          n_layers=int(lc.disc_layers), rngs=rngs)
+
+    def init_train_state(self, rng):
+        from trainers.optim import make_optimizer
+
+        k_gen, k_disc = jax.random.split(rng)
+        params, rest = self.model_def.init(k_gen)
+        tx, _ = make_optimizer(self.config)
+        _, dp, ds = nnx.split(self._discriminator(nnx.Rngs(k_disc)), nnx.Param, ...)
+        dp, ds = nnx.to_pure_dict(dp), nnx.to_pure_dict(ds)
+        lp = self.lpips_params() if float(self.config.model.loss.perceptual_weight) > 0 else {}
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": jax.tree.map(jnp.copy, params),
+                "opt_state": tx.init(params), "rest": rest,
+                "disc": {"params": dp, "batch_stats": ds, "opt_state": tx.init(dp)},
+                "teacher": jax.tree.map(jnp.copy, params["encoder_vqkd"]),
+                "lpips": jax.tree.map(jnp.asarray, lp)}
+
+    def train_state_shardings(self, abstract_state, mesh):
+        from trainers import sharding as sh
+        from trainers.train import _key_str, _suffix_sharding
+
+        repl = sh.replicated(mesh)
+        gen = self.model_def.param_shardings(mesh)
+        names = lambda path: [_key_str(k) for k in path]  # noqa: E731
+
+        def opt(abstract_opt, param_sh):
+            by_path = {tuple(names(p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
+            return jax.tree_util.tree_map_with_path(
+                lambda p, leaf: _suffix_sharding(p, by_path, repl) if np.ndim(leaf) else repl, abstract_opt)
+
+        _, dp, ds = nnx.split(nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0))), nnx.Param, ...)
+        disc = nnx.to_pure_dict(sh.state_shardings(dp, mesh))
+        return {"step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
+                "rest": self.model_def.rest_shardings(mesh),
+                "disc": {"params": disc, "batch_stats": nnx.to_pure_dict(sh.state_shardings(ds, mesh)),
+                         "opt_state": opt(abstract_state["disc"]["opt_state"], disc)},
+                "teacher": gen["encoder_vqkd"],
+                "lpips": jax.tree.map(lambda _: repl, abstract_state["lpips"])}
+
+    def train_step(self, state, batch, rng):
+        from tokenizers import losses
+        from trainers.optim import make_optimizer
+
+        m, lc = self.config.model, self.config.model.loss
+        tx, schedule = make_optimizer(self.config)
+        x = batch["image"]
+        step = state["step"]
+        start = 0 if m.stage == "decoder" else int(m.decoder_finetune_start)
+        finetune = (step >= start) if start >= 0 else jnp.asarray(False)
+        gan_factor = losses.adopt_weight(1.0, step, int(lc.disc_start))
+        keep = scale_keep(rng, len(self.kwargs["scales"]), float(m.scale_drop_prob))
+        disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
+
+        def disc_merge(params, stats):
+            g, s, r = nnx.split(disc_abstract, nnx.Param, ...)
+            s = jax.tree.map(lambda v: v, s, is_leaf=lambda v: isinstance(v, nnx.Variable))
+            r = jax.tree.map(lambda v: v, r, is_leaf=lambda v: isinstance(v, nnx.Variable))
+            nnx.replace_by_pure_dict(s, params)
+            nnx.replace_by_pure_dict(r, stats)
+            return nnx.merge(g, s, r)
+
+        teacher = _merge(lambda: SemanticEncoder(**_teacher_kwargs(self.kwargs), rngs=nnx.Rngs(0)), state["teacher"])
+        target = jax.lax.stop_gradient(teacher(x))
+
+        def objective(params):
+            model = self.model_def.merge(params, state["rest"])
+            enc = model.encode(x, keep=keep)
+            sem_feat, recon = model.decode(enc["quant"])
+            l2 = jnp.mean(jnp.square(x - recon))
+            sem = semantic_loss(sem_feat, target)
+            vq = enc["codebook_loss"] + enc["commitment_loss"] + enc["entropy_loss"]
+            loss = float(lc.l2_weight) * l2 + vq + float(lc.semantic_weight) * sem
+            out = {"l2_loss": l2, "semantic_loss": sem, "vq_loss": enc["codebook_loss"],
+                   "commit_loss": enc["commitment_loss"], "entropy_loss": enc["entropy_loss"]}
+            if float(lc.perceptual_weight) > 0:
+                p = jnp.mean(_merge_lpips(state["lpips"])(x, recon))
+                loss = loss + float(lc.perceptual_weight) * p
+                out["perceptual_loss"] = p
+            disc = disc_merge(state["disc"]["params"], state["disc"]["batch_stats"])
+            g_loss = losses.generator_loss(disc(recon, train=True), "hinge")
+            loss = loss + float(lc.disc_weight) * gan_factor * g_loss
+            usage = quantizers.code_usage(enc["indices"], model.quantize.codebook_size)
+            out.update(g_loss=g_loss, code_usage=usage["usage"], code_perplexity=usage["perplexity"])
+            return loss, (out, recon)
+
+        (loss, (aux, recon)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        frozen = {key: jax.tree.map(lambda _: key != "decoder", v) for key, v in grads.items()}
+        grads = jax.tree.map(lambda g, f: jnp.where(finetune & f, 0.0, g), grads, frozen)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = jax.tree.map(lambda new, old, f: jnp.where(finetune & f, old, new), params, state["params"], frozen)
+        rate = float(self.config.ema_rate)
+        ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state["ema_params"], params)
+        recon = jax.lax.stop_gradient(recon)
+
+        def d_objective(dparams):
+            disc = disc_merge(dparams, state["disc"]["batch_stats"])
+            real, fake = disc(x, train=True), disc(recon, train=True)
+            d = losses.hinge_d_loss(real, fake)
+            stats = nnx.to_pure_dict(nnx.split(disc, nnx.Param, ...)[2])
+            return float(lc.disc_weight) * gan_factor * d, (d, stats, real, fake)
+
+        (_, (d_loss, stats, real, fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(
+            state["disc"]["params"])
+        d_updates, d_opt = tx.update(d_grads, state["disc"]["opt_state"], state["disc"]["params"])
+        d_params = optax.apply_updates(state["disc"]["params"], d_updates)
+        aux.update(loss=loss, d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
+                   gan_factor=gan_factor, decoder_finetune=finetune.astype(jnp.float32),
+                   kept_scales=jnp.sum(keep), grad_norm=optax.global_norm(grads), lr=schedule(step))
+        return {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state,
+                "disc": {"params": d_params, "batch_stats": stats, "opt_state": d_opt}}, aux
+
+
+_LPIPS_ABSTRACT: list = []
+
+
+def _merge_lpips(params):
+    from tokenizers import losses
+
+    if not _LPIPS_ABSTRACT:
+        _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
+    return _merge_into(_LPIPS_ABSTRACT[0], params)
+
+
+def _merge_into(abstract, params):
+    g, s, r = nnx.split(abstract, nnx.Param, ...)
+    s = jax.tree.map(lambda v: v, s, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    nnx.replace_by_pure_dict(s, params)
+    return nnx.merge(g, s, r)

@@ -1,0 +1,120 @@
+"""TokenFlow (tokenizers/tokenflow.py): the golden fixtures, the shared index (w = 0 -> the semantic
+argmin, huge w -> the pixel argmin), decode_code(encode(x).indices) = the forward decode, the random
+scale drop, config errors, and the tokenizer stages in the one loop on the embedded digits."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tokenizers import quantizers, tokenflow
+from trainers import convert
+
+TINY = dict(image_size=16, in_channels=1, patch_size=4, sem_width=32, sem_depth=1, sem_heads=2, ch=32,
+            ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, dec_ch=32, dec_num_res_blocks=1, codebook_size=64,
+            scales=(1, 2, 4), vqkd_width=32, vqkd_depth=1, vqkd_heads=2, teacher_dim=32)
+
+
+@pytest.mark.parametrize("name", ["tokenflow_vq", "tokenflow_pixel"])
+def test_golden_fixture(golden, name):
+    assert convert.check(golden / f"{name}.npz", verbose=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tokenflow.TokenFlow(**TINY, rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
+    return model, images
+
+
+def test_shared_index_interpolates_between_the_two_argmins():
+    z = jax.random.normal(jax.random.PRNGKey(0), (64, 40))
+    for w, part in ((0.0, "semantic"), (1e6, "pixel")):
+        q = quantizers.SharedIndexQuantizer(128, (32, 8), distance_weight=w, rngs=nnx.Rngs(3))
+        want = getattr(q, part).nearest(z[..., :32] if part == "semantic" else z[..., 32:])
+        np.testing.assert_array_equal(np.asarray(q.nearest(z)), np.asarray(want))
+        z_q, info = q(z)
+        np.testing.assert_array_equal(np.asarray(info["indices"]), np.asarray(want))
+        # each half of a code is unit-norm
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(z_q)[:, :32], axis=-1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(z_q)[:, 32:], axis=-1), 1.0, atol=1e-5)
+    # the two argmins disagree somewhere, so the two checks above are not the same check
+    q = quantizers.SharedIndexQuantizer(128, (32, 8), rngs=nnx.Rngs(3))
+    assert np.any(np.asarray(q.semantic.nearest(z[:, :32])) != np.asarray(q.pixel.nearest(z[:, 32:])))
+
+
+def test_decode_code_of_the_indices_equals_the_forward_decode(tiny):
+    model, images = tiny
+    enc = jax.jit(lambda x: model.encode(x))(images)
+    assert enc["indices"].shape == (2, 1 + 4 + 16) and enc["semantic_codes"].shape == (2, 4, 4, 32)
+    assert enc["semantic_features"].shape == (2, 16, 32)
+    sem, img = jax.jit(model.decode)(enc["quant"])
+    sem2, img2 = jax.jit(model.decode_code)(enc["indices"])
+    assert img.shape == (2, 16, 16, 1)
+    np.testing.assert_allclose(np.asarray(img2), np.asarray(img), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(sem2), np.asarray(sem), atol=1e-4)
+
+
+def test_dropping_a_scale_equals_removing_it(tiny):
+    model, images = tiny
+    h = model.features(images)
+    from eval.resize import torch_area, torch_bicubic
+
+    f_keep, _, loss_keep, _ = quantizers.multiscale_residual_quantize(
+        model.quantize, h, (1, 2, 4), down=torch_area, up=torch_bicubic, keep=jnp.array([1.0, 0.0, 1.0]))
+    f_rm, _, loss_rm, _ = quantizers.multiscale_residual_quantize(model.quantize, h, (1, 4), down=torch_area,
+                                                                   up=torch_bicubic)
+    np.testing.assert_allclose(np.asarray(f_keep), np.asarray(f_rm), atol=1e-5)
+    np.testing.assert_allclose(float(loss_keep["codebook_loss"]), float(loss_rm["codebook_loss"]), rtol=1e-5)
+    keeps = np.stack([np.asarray(tokenflow.scale_keep(jax.random.PRNGKey(i), 4, 0.5)) for i in range(200)])
+    assert np.all(keeps[:, 0] == 1) and set(np.unique(keeps.sum(1))) == {3.0, 4.0}
+    assert 0.3 < np.mean(keeps.sum(1) == 3) < 0.7
+
+
+def test_config_errors_name_the_field():
+    from configs import tokenflow_clipb
+    from trainers import config_validation
+
+    c = tokenflow_clipb.get_config("demo")
+    c.model.scales = (1, 2, 3)
+    with pytest.raises(ValueError, match="config.model.scales"):
+        config_validation.validate(c)
+    c = tokenflow_clipb.get_config("demo")
+    c.model.stage = "pixels"
+    with pytest.raises(ValueError, match="config.model.stage"):
+        config_validation.validate(c)
+
+
+@pytest.mark.slow
+def test_tokenizer_stages_train_in_the_one_loop(tmp_path):
+    from configs import tokenflow_clipb
+    from trainers import cache_latents, config_validation, sharding, train
+
+    c = tokenflow_clipb.get_config("demo")
+    c.data.cache_dir = str(tmp_path / "data")
+    c.data.image_size = 16
+    c.model.update(patch_size=4, ch_mult=(1, 1, 1), scales=(1, 2, 4), codebook_size=64, decoder_finetune_start=2,
+                   scale_drop_prob=0.5)
+    c.model.semantic.update(width=32, depth=1, heads=2)
+    c.model.vqkd.update(width=32, depth=1, heads=2)
+    c.model.loss.update(disc_start=1, disc_ndf=8, disc_layers=1)
+    c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 4, 3, 1, 3
+    c.num_grid_samples, c.sample_batch_size = 4, 4
+    config_validation.validate(c)
+    state = train.train_and_evaluate(c, str(tmp_path / "tok"))
+    m = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["semantic_loss"]) for r in m)
+    assert [r["gan_factor"] for r in m] == [0.0, 1.0, 1.0] and [r["decoder_finetune"] for r in m] == [0, 0, 1]
+    assert state["step"] == 3
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    tok_config, params, rest = cache_latents.load_workdir_tokenizer(str(tmp_path / "tok"), mesh, use_ema=False)
+    assert tok_config.model.name == "tokenflow"
+    rng = np.random.RandomState(0)
+    npz = tmp_path / "images.npz"
+    np.savez(npz, images=rng.randint(0, 255, (8, 16, 16, 1)).astype(np.uint8), labels=rng.randint(0, 10, 8))
+    meta = cache_latents.write_cache(tok_config, params, str(tmp_path / "codes"), npz=str(npz), batch_size=4,
+                                     progress=False, rest=rest)
+    assert meta["latent_type"] == "codes" and meta["latent_shape"][-1] == 21
