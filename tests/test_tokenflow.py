@@ -118,3 +118,42 @@ def test_tokenizer_stages_train_in_the_one_loop(tmp_path):
     meta = cache_latents.write_cache(tok_config, params, str(tmp_path / "codes"), npz=str(npz), batch_size=4,
                                      progress=False, rest=rest)
     assert meta["latent_type"] == "codes" and meta["latent_shape"][-1] == 21
+
+    from configs import next_scale_tokenflow
+
+    g = next_scale_tokenflow.get_config("demo")
+    g.model.update(scales=(1, 2, 4), codebook_size=64, dim=32, n_layer=1, n_head=2)
+    g.data.latents = str(tmp_path / "codes")
+    g.data.image_size = 16
+    g.tokenizer.workdir = str(tmp_path / "tok")
+    g.batch_size, g.num_steps, g.log_every, g.checkpoint_every = 4, 2, 1, 2
+    g.optim.warmup_steps = 1
+    g.num_grid_samples, g.sample_batch_size, g.eval.num_samples = 4, 4, 0
+    config_validation.validate(g)
+    train.train_and_evaluate(g, str(tmp_path / "gen"))
+    assert all(np.isfinite(json.loads(r)["loss"]) for r in (tmp_path / "gen" / "metrics.jsonl").read_text().splitlines())
+    assert list((tmp_path / "gen" / "samples").glob("*.png"))  # indices decoded through the TokenFlow pairing
+
+
+def test_next_scale_mask_inputs_and_sampling():
+    from models import next_scale
+
+    mask = next_scale.block_causal_mask((1, 2))
+    assert mask.tolist() == [[True, False, False, False, False]] + [[True] * 5] * 4
+    model = next_scale.NextScaleGPT(scales=(1, 2, 3), codebook_size=16, code_dim=40, dim=32, n_layer=1, n_head=2,
+                                    num_classes=10, rngs=nnx.Rngs(0))
+    table = quantizers.l2_normalize(jax.random.normal(jax.random.PRNGKey(0), (16, 40)))
+    z = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 0, 16)
+    labels = jnp.array([1, 2])
+    fwd = jax.jit(lambda z: model(model.teacher_inputs(table, z), labels))
+    logits = fwd(z)
+    assert logits.shape == (2, 14, 16)
+    # Changing the last scale's codes changes no logits (they are never inputs); changing scale 1
+    # changes only scale 2's, never scales 0-1 (block-causal).
+    np.testing.assert_allclose(np.asarray(fwd(z.at[:, 5:].set(0))), np.asarray(logits), atol=1e-6)
+    other = fwd(z.at[:, 1:5].set((z[:, 1:5] + 1) % 16))
+    np.testing.assert_allclose(np.asarray(other[:, :5]), np.asarray(logits[:, :5]), atol=1e-6)
+    assert np.abs(np.asarray(other[:, 5:]) - np.asarray(logits[:, 5:])).max() > 1e-4
+    out = jax.jit(lambda r: next_scale.generate(model, table, r, labels, cfg_scale=2.0, top_k=4, top_p=0.9))(
+        jax.random.PRNGKey(2))
+    assert out.shape == (2, 14) and out.dtype == jnp.int32 and int(out.max()) < 16

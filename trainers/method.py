@@ -49,7 +49,7 @@ METHODS: dict[str, str] = {
     "one_d_piece": "tokenizers.one_d_piece:OneDPieceMethod", "maskgit_vqgan": "tokenizers.maskgit_vqgan:MaskGITVQGANMethod",
     "maskgit": "models.maskgit:MaskGIT",
     "textok": "tokenizers.textok:TexTokMethod", "textok_dit": "tokenizers.textok:TexTokDiT",
-    "tokenflow": "tokenizers.tokenflow:TokenFlowMethod",
+    "tokenflow": "tokenizers.tokenflow:TokenFlowMethod", "next_scale": "models.next_scale:NextScale",
 }
 
 
