@@ -4,7 +4,11 @@
 Variants (comma-separated ``arg``): "" (the paper's recipe: joint training), "decoder" (the
 decoder-only fine-tune, --finetune_decoder), "enhanced" (the 256-channel, 4-res-block pixel decoder,
 --enhanced_decoder; with "decoder" it trains alone on the frozen rest), "demo" (the embedded digits
-on a laptop CPU, with the frozen student initialisation as teacher).
+on a laptop CPU, with the frozen student initialisation as teacher), "released" (import/evaluation of
+``tokenflow_clipb_32k_enhanced.pt``: no teacher needed):
+
+    python -m trainers.convert import tokenflow tokenflow_clipb_32k_enhanced.pt \
+        --config=configs/tokenflow_clipb.py:enhanced,released --out=DIR
 
     python -m trainers.main --config=configs/tokenflow_clipb.py:demo --workdir=DIR
 """
@@ -26,9 +30,9 @@ TEACHERS = {
 
 def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     variants = [a for a in (arg or "").split(",") if a]
-    unknown = set(variants) - {"demo", "decoder", "enhanced"}
+    unknown = set(variants) - {"demo", "decoder", "enhanced", "released"}
     if unknown:
-        raise ValueError(f"TokenFlow config variants: demo, decoder, enhanced; got {arg!r}")
+        raise ValueError(f"TokenFlow config variants: demo, decoder, enhanced, released; got {arg!r}")
     size, width, depth, heads, patch, scales = TEACHERS[teacher]
     c = common.base()
     m = c.model
@@ -64,6 +68,9 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     o.schedule = "constant"
     c.ema_rate = 0.9999
     c.checkpoint_every = 5000
+    if "released" in variants:
+        m.loss.semantic_weight = 0.0
+        m.loss.perceptual_weight = 0.0
     if "demo" in variants:
         common.embedded_demo_data(c, image_size=32)
         m.teacher = "student_init"

@@ -157,3 +157,40 @@ def test_next_scale_mask_inputs_and_sampling():
     out = jax.jit(lambda r: next_scale.generate(model, table, r, labels, cfg_scale=2.0, top_k=4, top_p=0.9))(
         jax.random.PRNGKey(2))
     assert out.shape == (2, 14) and out.dtype == jnp.int32 and int(out.max()) < 16
+
+
+HF_CLIP = r"""
+import sys, numpy as np, torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+torch.manual_seed(0)
+cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=16, patch_size=4, num_channels=3, hidden_act="quick_gelu")
+m = CLIPVisionModel(cfg).eval()
+g = torch.Generator().manual_seed(1)
+with torch.no_grad():
+    for p in m.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    h = m(pixel_values=x).last_hidden_state
+    vision = getattr(m, "vision_model", m)  # transformers 5 flattens CLIPVisionModel
+    out = vision.post_layernorm(h)[:, 1:]
+np.savez(sys.argv[1], x=x.numpy(), out=out.numpy(), **{"sd/" + k: v.numpy() for k, v in m.state_dict().items()})
+"""
+
+
+def test_clip_student_matches_transformers_clip_vision(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "clip.npz"
+    # The repo's `tokenizers` package shadows Hugging Face's: run transformers outside the repo root.
+    subprocess.run([sys.executable, "-c", HF_CLIP, str(path)], cwd=tmp_path, check=True,
+                   env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"})
+    ref = np.load(path)
+    hf = {k[3:]: ref[k] for k in ref.files if k.startswith("sd/")}
+    params = tokenflow.semantic_encoder_params(tokenflow.openai_clip_from_hf(hf), in_channels=3, width=32, depth=2,
+                                               heads=2, patch_size=4, grid=4)
+    enc = tokenflow._merge(lambda: tokenflow.SemanticEncoder(in_channels=3, width=32, depth=2, heads=2, patch_size=4,
+                                                             grid=4, rngs=nnx.Rngs(0)), params)
+    ours = np.asarray(enc(jnp.asarray(ref["x"]).transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(ours, ref["out"], atol=1e-4 * max(1.0, np.abs(ref["out"]).max()))

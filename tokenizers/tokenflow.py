@@ -196,16 +196,19 @@ class TaskLayer(nnx.Module):
 class SemanticEncoder(nnx.Module):
     """``encoder_vqkd``: a CLIP-style ViT (class token, position table, ``ln_pre``, pre-LN blocks,
     ``ln_post``) returning the patch tokens (B, g*g, width) (``return_patch_tokens=True``). The same
-    network, frozen, is the demo teacher (upstream initialises the student from the teacher)."""
+    network, frozen, is the demo teacher (upstream initialises the student from the teacher). OpenAI
+    CLIP's QuickGELU by default; for clipb the student sees raw [-1, 1] pixels (no CLIP scaling layer,
+    as upstream: only the teacher in the loss is CLIP-normalised)."""
 
     def __init__(self, *, in_channels: int, width: int, depth: int, heads: int, patch_size: int, grid: int,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 activation: str = "quick_gelu", rngs: nnx.Rngs, dtype=jnp.float32):
         self.conv1 = vit.PatchEmbed(in_channels, width, patch_size, rngs=rngs, use_bias=False, dtype=dtype)
         self.class_embedding = vit.learned_embedding(rngs, (1, 1, width), width**-0.5, (None, None, "embed"))
         self.positional_embedding = vit.learned_embedding(rngs, (1, grid * grid + 1, width), width**-0.5,
                                                           (None, "position", "embed"))
         self.ln_pre = vit.layer_norm(width, rngs=rngs)
-        self.blocks = nnx.List([vit.ResidualAttentionBlock(width, heads, rngs=rngs, dtype=dtype) for _ in range(depth)])
+        self.blocks = nnx.List([vit.ResidualAttentionBlock(width, heads, activation=activation, rngs=rngs, dtype=dtype)
+                                for _ in range(depth)])
         self.ln_post = vit.layer_norm(width, rngs=rngs)
 
     def __call__(self, x):
@@ -511,8 +514,13 @@ class TokenFlowMethod(Method):
                 raise ValueError(f"config.model.ch/enhanced_ch/z_channels: width {w} is not a multiple of 32 (GroupNorm)")
         if m.stage not in STAGES:
             raise ValueError(f"config.model.stage={m.stage!r}: one of {STAGES}")
-        if m.teacher != "student_init":
-            raise ValueError(f"config.model.teacher={m.teacher!r}: only 'student_init' is available in this port")
+        if m.teacher != "student_init" and float(m.loss.semantic_weight) > 0:
+            raise ValueError(f"config.model.teacher={m.teacher!r}: the CLIP/SigLIP/ViTamin teacher ports are not in "
+                             "the zoo yet; train with config.model.teacher='student_init' (or semantic_weight=0, as "
+                             "the 'released' variant for importing/evaluating checkpoints)")
+        if m.teacher.startswith("siglip") or m.teacher.startswith("vitamin"):
+            raise ValueError(f"config.model.teacher={m.teacher!r}: the SigLIP/ViTamin student encoders are not ported "
+                             "(only the CLIP ViT-B/16 layout of clipb_224)")
         if not 0.0 <= float(m.scale_drop_prob) <= 1.0:
             raise ValueError(f"config.model.scale_drop_prob={m.scale_drop_prob}: a probability")
         if float(m.loss.perceptual_weight) > 0:
@@ -666,6 +674,82 @@ class TokenFlowMethod(Method):
                    kept_scales=jnp.sum(keep), grad_norm=optax.global_norm(grads), lr=schedule(step))
         return {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state,
                 "disc": {"params": d_params, "batch_stats": stats, "opt_state": d_opt}}, aux
+
+
+# ----------------------------------------------------------------------------
+# Released checkpoints
+# ----------------------------------------------------------------------------
+
+RELEASED = "https://huggingface.co/ByteFlow-AI/TokenFlow (tokenflow_clipb_32k_enhanced.pt)"
+CLIP_RENAMES = [
+    (r"^encoder_vqkd\.conv1\.weight$", "encoder_vqkd.conv1.proj.weight"),
+    (r"^encoder_vqkd\.transformer\.resblocks\.", "encoder_vqkd.blocks."),
+    (r"\.attn\.in_proj_weight$", ".attn.qkv.weight"),
+    (r"\.attn\.in_proj_bias$", ".attn.qkv.bias"),
+    (r"\.attn\.out_proj\.", ".attn.proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+]
+
+
+def params_from_torch(state_dict, kwargs) -> dict:
+    """Pure params of :class:`TokenFlow` from upstream's state_dict (clipb layout: the vendored CLIP
+    visual tower without ``proj`` as ``encoder_vqkd``; an ``ema``/``model`` wrapper unwrapped, the
+    ``codebook_used`` buffer dropped)."""
+    sd = prepare_state_dict(state_dict)
+    for key in ("encoder_vqkd.class_embedding", "encoder_vqkd.positional_embedding"):
+        if key in sd:
+            sd[key] = sd[key].reshape((1, -1, sd[key].shape[-1]))
+    sd = {k: v for k, v in sd.items() if k != "encoder_vqkd.proj"}
+    rename = regex_rename(TORCH_RENAMES + CLIP_RENAMES)
+    abstract = _abstract(lambda: TokenFlow(**kwargs, rngs=nnx.Rngs(0)))
+    return torch_to_params(sd, abstract, rename=rename, what="TokenFlow checkpoint")
+
+
+def openai_clip_from_hf(hf: dict) -> dict[str, np.ndarray]:
+    """A ``transformers`` ``CLIPVisionModel`` state_dict in OpenAI CLIP visual names (``conv1``,
+    ``class_embedding``, ``transformer.resblocks.i.attn.in_proj_weight``, ...; q/k/v fused)."""
+    sd, pre = {}, "vision_model."
+    hf = {k.removeprefix(pre): np.asarray(v) for k, v in hf.items()}
+    sd["conv1.weight"] = hf["embeddings.patch_embedding.weight"]
+    sd["class_embedding"] = hf["embeddings.class_embedding"]
+    sd["positional_embedding"] = hf["embeddings.position_embedding.weight"]
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for p in ("weight", "bias"):
+            sd[f"{ours}.{p}"] = hf[f"{theirs}.{p}"]
+    n = len({k.split(".")[2] for k in hf if k.startswith("encoder.layers.")})
+    for i in range(n):
+        a, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            sd[b + f"attn.in_proj_{p}"] = np.concatenate([hf[a + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
+            sd[b + f"attn.out_proj.{p}"] = hf[a + f"self_attn.out_proj.{p}"]
+            sd[b + f"ln_1.{p}"], sd[b + f"ln_2.{p}"] = hf[a + f"layer_norm1.{p}"], hf[a + f"layer_norm2.{p}"]
+            sd[b + f"mlp.c_fc.{p}"], sd[b + f"mlp.c_proj.{p}"] = hf[a + f"mlp.fc1.{p}"], hf[a + f"mlp.fc2.{p}"]
+    return sd
+
+
+def semantic_encoder_params(clip_visual: dict, **encoder_kwargs) -> dict:
+    """Pure params of :class:`SemanticEncoder` from an OpenAI CLIP visual state_dict (``proj`` dropped):
+    the CLIP ViT-B/16 teacher and the student initialisation (``load_clip_vision``)."""
+    sd = {f"encoder_vqkd.{k}": np.asarray(v) for k, v in clip_visual.items() if k != "proj"}
+    for key in ("encoder_vqkd.class_embedding", "encoder_vqkd.positional_embedding"):
+        sd[key] = sd[key].reshape((1, -1, sd[key].shape[-1]))
+
+    class _Holder(nnx.Module):
+        def __init__(self):
+            self.encoder_vqkd = SemanticEncoder(**encoder_kwargs, rngs=nnx.Rngs(0))
+
+    params = torch_to_params(sd, _abstract(_Holder), rename=regex_rename(CLIP_RENAMES), what="CLIP visual state_dict")
+    return params["encoder_vqkd"]
+
+
+def import_tokenflow(state_dict, config) -> dict:
+    """The released ``tokenflow_clipb_32k_enhanced.pt`` (``{"model", "ema"?, ...}``; EMA preferred) for
+    ``configs/tokenflow_clipb.py:enhanced,released``."""
+    return params_from_torch(state_dict, model_kwargs(config))
+
+
+IMPORTERS = {"tokenflow": import_tokenflow}
 
 
 _LPIPS_ABSTRACT: list = []

@@ -40,7 +40,8 @@ def gelu_exact(x):
 
 
 ACTIVATIONS: dict[str, Callable] = {"gelu": gelu_exact, "gelu_tanh": lambda x: nnx.gelu(x, approximate=True),
-                                    "relu": nnx.relu, "silu": nnx.silu}
+                                    "relu": nnx.relu, "silu": nnx.silu,
+                                    "quick_gelu": lambda x: x * nnx.sigmoid(1.702 * x)}  # OpenAI CLIP
 
 
 def layer_norm(dim: int, *, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:

@@ -48,7 +48,7 @@ KINDS: dict[str, str] = {
     "titok_maskgit": "models.maskgit", "maskgit": "models.maskgit",
     "llamagen_gpt": "models.llamagen",
     "retok_tokenizer": "tokenizers.retok", "retok": "tokenizers.retok", "retok_gpt": "tokenizers.retok",
-    "tokenflow_vq": "tokenizers.tokenflow", "tokenflow_pixel": "tokenizers.tokenflow",
+    "tokenflow_vq": "tokenizers.tokenflow", "tokenflow_pixel": "tokenizers.tokenflow", "tokenflow": "tokenizers.tokenflow",
 }
 
 RELATIVE_TOLERANCE = 1e-4
