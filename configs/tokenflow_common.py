@@ -20,11 +20,11 @@ import ml_collections
 from configs import common
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-# teacher -> (image size, semantic width, depth, heads, patch, scales) as vq_model.py's variants.
+# teacher -> (image size, semantic width, depth, heads, patch, scales, teacher feature dim) as vq_model.py.
 TEACHERS = {
-    "clipb_224": (224, 768, 12, 12, 16, (1, 2, 4, 6, 8, 10, 12, 14)),
-    "vitamin_xlarge_256": (256, 1152, 32, 16, 16, (1, 2, 4, 6, 8, 10, 12, 14, 16)),
-    "siglip_384": (384, 1152, 27, 16, 14, (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27)),
+    "clipb_224": (224, 768, 12, 12, 16, (1, 2, 4, 6, 8, 10, 12, 14), 512),
+    "vitamin_xlarge_256": (256, 1152, 32, 16, 16, (1, 2, 4, 6, 8, 10, 12, 14, 16), 1152),
+    "siglip_384": (384, 1152, 27, 16, 14, (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27), 1152),
 }
 
 
@@ -33,13 +33,14 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     unknown = set(variants) - {"demo", "decoder", "enhanced", "released"}
     if unknown:
         raise ValueError(f"TokenFlow config variants: demo, decoder, enhanced, released; got {arg!r}")
-    size, width, depth, heads, patch, scales = TEACHERS[teacher]
+    size, width, depth, heads, patch, scales, teacher_dim = TEACHERS[teacher]
     c = common.base()
     m = c.model
     m.name = "tokenflow"
     m.teacher = teacher  # the frozen teacher (and student init); "student_init" in the demo
     m.semantic = ml_collections.ConfigDict(dict(width=width, depth=depth, heads=heads))
     m.patch_size = patch
+    m.teacher_dim = teacher_dim  # CLIP: patch tokens @ visual.proj (512); ViTamin/SigLIP: 1152
     # Pixel branch: LlamaGen VQ-16.
     m.ch, m.ch_mult, m.num_res_blocks, m.z_channels = 128, (1, 1, 2, 2, 4), 2, 256
     m.enhanced_decoder = "enhanced" in variants
@@ -75,6 +76,7 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
         common.embedded_demo_data(c, image_size=32)
         m.teacher = "student_init"
         m.semantic = ml_collections.ConfigDict(dict(width=64, depth=2, heads=4))
+        m.teacher_dim = 64
         m.patch_size = 8
         m.ch, m.ch_mult, m.num_res_blocks, m.z_channels = 32, (1, 1, 2, 2), 1, 32
         m.enhanced_ch, m.enhanced_num_res_blocks = 64, 2

@@ -99,6 +99,7 @@ def test_tokenizer_stages_train_in_the_one_loop(tmp_path):
     c.model.update(patch_size=4, ch_mult=(1, 1, 1), scales=(1, 2, 4), codebook_size=64, decoder_finetune_start=2,
                    scale_drop_prob=0.5)
     c.model.semantic.update(width=32, depth=1, heads=2)
+    c.model.teacher_dim = 32
     c.model.vqkd.update(width=32, depth=1, heads=2)
     c.model.loss.update(disc_start=1, disc_ndf=8, disc_layers=1)
     c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 4, 3, 1, 3
@@ -194,3 +195,42 @@ def test_clip_student_matches_transformers_clip_vision(tmp_path):
                                                              grid=4, rngs=nnx.Rngs(0)), params)
     ours = np.asarray(enc(jnp.asarray(ref["x"]).transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(ours, ref["out"], atol=1e-4 * max(1.0, np.abs(ref["out"]).max()))
+
+
+def test_released_checkpoint_layout_imports_completely(golden):
+    # Upstream names: the pixel fixture's CNN / decoder_vqkd / task-layer keys, plus a CLIP visual
+    # ``encoder_vqkd`` (with ``proj``, dropped), ``encode_task_layer``, both codebooks and the usage
+    # buffer, wrapped as a checkpoint {"model": ..., "ema": ...} (the EMA is preferred).
+    _, params, _, _, _ = convert.load_fixture(golden / "tokenflow_pixel.npz")
+    r = np.random.RandomState(0)
+
+    class rng:  # float32 draws, as a checkpoint stores them
+        randn = staticmethod(lambda *shape: r.randn(*shape).astype(np.float32))
+
+    w, sem = 32, {}
+    sem["conv1.weight"] = rng.randn(w, 3, 16, 16)
+    sem["class_embedding"], sem["positional_embedding"] = rng.randn(w), rng.randn(17, w)
+    for ln in ("ln_pre", "ln_post", "transformer.resblocks.0.ln_1", "transformer.resblocks.0.ln_2"):
+        sem[f"{ln}.weight"], sem[f"{ln}.bias"] = rng.randn(w), rng.randn(w)
+    b = "transformer.resblocks.0."
+    sem.update({b + "attn.in_proj_weight": rng.randn(3 * w, w), b + "attn.in_proj_bias": rng.randn(3 * w),
+                b + "attn.out_proj.weight": rng.randn(w, w), b + "attn.out_proj.bias": rng.randn(w),
+                b + "mlp.c_fc.weight": rng.randn(4 * w, w), b + "mlp.c_fc.bias": rng.randn(4 * w),
+                b + "mlp.c_proj.weight": rng.randn(w, 4 * w), b + "mlp.c_proj.bias": rng.randn(w),
+                "proj": rng.randn(w, 48)})
+    sd = {**params, **{f"encoder_vqkd.{k}": v for k, v in sem.items()},
+          "encode_task_layer.0.weight": rng.randn(w, w), "encode_task_layer.0.bias": rng.randn(w),
+          "encode_task_layer.2.weight": rng.randn(32, w), "encode_task_layer.2.bias": rng.randn(32),
+          "quantize.embedding_vqkd.weight": rng.randn(16, 32), "quantize.embedding_vqgan.weight": rng.randn(16, 8),
+          "quantize.codebook_used": np.zeros(131072)}
+    kwargs = dict(image_size=64, in_channels=3, patch_size=16, sem_width=w, sem_depth=1, sem_heads=2, ch=32,
+                  ch_mult=(1, 2, 1, 1, 1), num_res_blocks=1, z_channels=32, dec_ch=32, dec_num_res_blocks=1,
+                  codebook_size=16, scales=(1, 2, 4), vqkd_width=64, vqkd_depth=3, vqkd_heads=4, teacher_dim=48)
+    out = tokenflow.params_from_torch({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd}, kwargs)
+    np.testing.assert_array_equal(out["encoder_vqkd"]["class_embedding"].reshape(-1), sem["class_embedding"])
+    np.testing.assert_array_equal(out["quantize"]["pixel"]["embedding"], sd["quantize.embedding_vqgan.weight"])
+    bias = out["decoder_vqkd"]["blocks"][0]["attn"]["qkv"]["bias"]
+    np.testing.assert_array_equal(bias[64:128], 0.0)
+    np.testing.assert_array_equal(bias[:64], params["decoder_vqkd.blocks.0.attn.q_bias"])
+    model = tokenflow._merge(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)), out)
+    assert model.encode(jnp.zeros((1, 64, 64, 3)))["indices"].shape == (1, 21)

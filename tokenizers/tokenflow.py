@@ -453,7 +453,7 @@ def model_kwargs(config) -> dict:
                 pixel_code_dim=int(m.pixel_code_dim), commitment_cost=float(m.commitment_cost),
                 entropy_loss_ratio=float(m.entropy_loss_ratio), distance_weight=float(m.distance_weight),
                 scales=tuple(int(s) for s in m.scales), vqkd_width=int(m.vqkd.width), vqkd_depth=int(m.vqkd.depth),
-                vqkd_heads=int(m.vqkd.heads), teacher_dim=int(m.semantic.width))
+                vqkd_heads=int(m.vqkd.heads), teacher_dim=int(m.teacher_dim))
 
 
 def _teacher_kwargs(kwargs) -> dict:
@@ -512,6 +512,9 @@ class TokenFlowMethod(Method):
                 {kw["dec_ch"] * v for v in kw["ch_mult"]}:
             if w % GROUPS:
                 raise ValueError(f"config.model.ch/enhanced_ch/z_channels: width {w} is not a multiple of 32 (GroupNorm)")
+        if m.teacher == "student_init" and int(m.teacher_dim) != int(m.semantic.width):
+            raise ValueError(f"config.model.teacher_dim={m.teacher_dim} must equal config.model.semantic.width="
+                             f"{m.semantic.width} with the student_init teacher (its patch tokens are the target)")
         if m.stage not in STAGES:
             raise ValueError(f"config.model.stage={m.stage!r}: one of {STAGES}")
         if m.teacher != "student_init" and float(m.loss.semantic_weight) > 0:
