@@ -214,6 +214,14 @@ def _pos(rngs, n, width):
     return vit.learned_embedding(rngs, (n, width), width ** -0.5)
 
 
+def _memory_pos(module):
+    """[latent_token_positional_embedding (N); latent_token_positional_embedding_comp (M)]."""
+    if module.latent_token_positional_embedding_comp is None:
+        return module.latent_token_positional_embedding[...]
+    return jnp.concatenate([module.latent_token_positional_embedding[...],
+                            module.latent_token_positional_embedding_comp[...]], axis=0)
+
+
 class ViTEncoder(nnx.Module):
     """CNN features (B, g, g, z) -> (B, N + M, z) latents (upstream ``ViTEncoder``,
     ``multi_level_query_init=True``)."""
@@ -226,7 +234,8 @@ class ViTEncoder(nnx.Module):
         self.ln_pre = vit.layer_norm(token_size, rngs=rngs)
         self.positional_embedding = _pos(rngs, grid * grid, width)
         self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width)
-        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width)
+        # (none without padding: orbax cannot save a zero-size array)
+        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width) if num_padding else None
         self.global_proj = layers.dense(width, width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.transformer = nnx.List([vit.QFormerLayer(width, heads, 4 * width, rngs=rngs, dtype=dtype)
                                      for _ in range(depth)])
@@ -245,8 +254,7 @@ class ViTEncoder(nnx.Module):
         b = s.shape[0]
         memory = self.encoder_embed(self.ln_pre(s.reshape(b, -1, s.shape[-1])))
         tgt = self.queries(memory)
-        query_pos = jnp.concatenate([self.latent_token_positional_embedding[...],
-                                     self.latent_token_positional_embedding_comp[...]], axis=0)
+        query_pos = _memory_pos(self)
         for layer in self.transformer:
             tgt = layer(tgt, memory, query_pos=query_pos, pos=self.positional_embedding[...])
         tgt = self.ln_post(tgt)
@@ -268,7 +276,8 @@ class ViTDecoder(nnx.Module):
         self.ln_pre = vit.layer_norm(token_size, rngs=rngs)
         self.positional_embedding = _pos(rngs, grid * grid, width)
         self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width)
-        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width)
+        # (none without padding: orbax cannot save a zero-size array)
+        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width) if num_padding else None
         self.transformer = nnx.List([vit.QFormerLayer(width, heads, 4 * width, rngs=rngs, dtype=dtype)
                                      for _ in range(depth)])
         self.ln_post = vit.layer_norm(width, rngs=rngs)
@@ -287,8 +296,7 @@ class ViTDecoder(nnx.Module):
         b, n, _ = tokens.shape
         x = self.decoder_embed(self.ln_pre(tokens))
         tgt = jnp.broadcast_to(x[:, :1], (b, self.grid * self.grid, self.width))
-        pos = jnp.concatenate([self.latent_token_positional_embedding[...],
-                               self.latent_token_positional_embedding_comp[...]], axis=0)[:n]
+        pos = _memory_pos(self)[:n]
         if num_tokens is None and keep is None:
             num_tokens = min(self.num_latent_tokens, n)
         if isinstance(num_tokens, (int, np.integer)):
