@@ -162,6 +162,11 @@ class NextScale(Method):
                              "config.model.class_dropout_prob > 0")
         if list(m.scales) != sorted(set(int(s) for s in m.scales)):
             raise ValueError(f"config.model.scales={tuple(m.scales)}: strictly increasing")
+        if m.code_table == "tokenizer" and config.data.get("latents"):
+            table = self.table()  # reads the paired workdir's codebook now, before compilation
+            if table.shape != (int(m.codebook_size), int(m.code_dim)):
+                raise ValueError(f"config.model.codebook_size/code_dim=({m.codebook_size}, {m.code_dim}) differ from "
+                                 f"the tokenizer's codebook {tuple(table.shape)}")
 
     def table(self):
         """The frozen (K, 40) normalised dual codebook of the paired TokenFlow workdir (or a (1, 1) dummy)."""
@@ -170,16 +175,19 @@ class NextScale(Method):
             if m.code_table != "tokenizer":
                 self._table = np.zeros((1, 1), np.float32)
             else:
-                from tokenizers import quantizers
                 from trainers import cache_latents, sharding
 
-                mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-                tok, params, _ = cache_latents.load_workdir_tokenizer(self.config.tokenizer.workdir, mesh,
-                                                                      use_ema=bool(self.config.tokenizer.use_ema))
+                with jax.ensure_compile_time_eval():  # also when first asked for inside a traced loss
+                    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+                    tok, params, _ = cache_latents.load_workdir_tokenizer(
+                        self.config.tokenizer.workdir, mesh, use_ema=bool(self.config.tokenizer.use_ema))
+                    params = jax.tree.map(np.asarray, params)
                 if tok.model.name != "tokenflow":
                     raise ValueError(f"config.tokenizer.workdir is a {tok.model.name!r} workdir, not tokenflow")
                 q = params["quantize"]
-                self._table = np.concatenate([np.asarray(quantizers.l2_normalize(jnp.asarray(q[p]["embedding"])))
+                # l2-normalised per half (quantizers.l2_normalize, in numpy: this may run inside a trace)
+                norm = lambda e: e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+                self._table = np.concatenate([norm(np.asarray(q[p]["embedding"], np.float32))
                                               for p in ("semantic", "pixel")], axis=-1)
                 if tuple(tok.model.scales) != tuple(m.scales):
                     raise ValueError(f"config.model.scales={tuple(m.scales)} differ from the tokenizer's "

@@ -403,7 +403,7 @@ def fixture_check_pixel(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
     c = meta["constructor"]
     v = c["vit_config"]
     for flag, want in (("patch_size", 1), ("init_values", 0.0), ("use_rel_pos_bias", False),
-                       ("use_mean_pooling", True), ("qkv_bias", True)):
+                       ("use_mean_pooling", True), ("qkv_bias", True), ("qk_scale", None)):
         if v.get(flag) != want:
             raise ValueError(f"tokenflow_pixel fixture: vit_config.{flag}={v.get(flag)} is not TokenFlow's ({want})")
     cnn = {k: (tuple(c["cnn"][k]) if k == "ch_mult" else int(c["cnn"][k]))
