@@ -171,7 +171,7 @@ def captioned(tmp_path_factory):
     c = tiny_config(root / "digits", root)
     from trainers import data
 
-    source, _ = data._source(c)
+    source, _ = data.record_source(c)
     ids = captions.image_ids(c, source)
     caps = {key: [f"a digit {key.split('/')[0]}"] + ([f"another digit {key[-6:-4]}"] if i % 2 else [])
             for i, key in enumerate(ids)}
@@ -198,7 +198,8 @@ def test_embedding_cache_and_the_pipeline_carry_each_images_captions(captioned):
     np.testing.assert_array_equal(cache.class_pool(2, 3, seed=0)[0], emb)  # seeded
     from trainers import data
 
-    batch = next(data.create_iterator(c, seed=0, global_batch_size=8))
+    batch = next(data.create_iterator(c, seed=0, global_batch_size=8,
+                                      source_transform=lambda s: captions.with_captions(s, c)))
     assert batch["caption_emb"].shape == (8, 2, 8, 16) and batch["caption_valid"].shape == (8, 2)
     # Each example carries the captions of its own image: compare by label-consistent pools.
     rows = {tuple(np.round(cache.for_image(k)["caption_emb"][0, 0, :4], 5)): k for k in ids}

@@ -260,6 +260,12 @@ class TexTokMethod(Method):
 
     kind = "tokenizer"
 
+    def data_source(self, source):
+        """Training records carry their image's cached caption embeddings (trainers/captions.py)."""
+        from trainers import captions
+
+        return captions.with_captions(source, self.config)
+
     def __init__(self, config):
         super().__init__(config)
         self._model_def = None
@@ -558,7 +564,7 @@ def write_token_cache(tok_config, params, rest, out: str | Path, *, batch_size: 
 
     method = TexTokMethod(tok_config)
     model_def = method.model_def
-    source, _ = data._source(tok_config)
+    source, _ = data.record_source(tok_config)
     source = captions.with_captions(source, tok_config)
     prep = data.Preprocess(tok_config.data.image_size, tok_config.data.channels, False, data.min_image_side(tok_config))
 
@@ -726,7 +732,8 @@ def evaluate_tokenizer(workdir: str, num: int = 500, *, seed: int = 17, mesh=Non
     config, method, model_def, params, rest = _restore(workdir, mesh)
     with config.unlocked():
         config.data.random_flip = False
-    it = data.create_iterator(config, seed=seed, global_batch_size=config.batch_size)
+    it = data.create_iterator(config, seed=seed, global_batch_size=config.batch_size,
+                              source_transform=method.data_source)
     recon_fn = jax.jit(lambda p, r, b: method.reconstruct_batch(model_def.merge(p, r), b))
     originals, recons = [], []
     while sum(len(o) for o in originals) < num:

@@ -167,7 +167,7 @@ def measure_embedded(config) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """Measured captions of every usable image of ``config.data`` (as training sees it): ({id: captions}, info)."""
     from trainers import data
 
-    source, _ = data._source(config)
+    source, _ = data.record_source(config)
     prep = data.Preprocess(config.data.image_size, config.data.channels, False, data.min_image_side(config))
     all_ids = image_ids(config, source)
     ids, images, labels = [], [], []
@@ -344,7 +344,7 @@ def resolve(config) -> Path:
 def _labels(config) -> dict[str, int]:
     from trainers import data
 
-    source, _ = data._source(config)
+    source, _ = data.record_source(config)
     return {key: int(source[i]["label"]) for i, key in enumerate(image_ids(config, source))}
 
 

@@ -373,6 +373,13 @@ def _source(config) -> tuple[grain.sources.RandomAccessDataSource, dict[str, int
     return _Records(os.path.join(directory, _RECORDS_FILE), keep), counts
 
 
+def record_source(config) -> tuple[grain.sources.RandomAccessDataSource, dict[str, int]]:
+    """The public raw record source of ``config.data`` (storage order; each record its encoded image
+    and label, before preprocessing) and the build-time skip counts: for code that joins per-record
+    data (captions) or preprocesses records itself. Preprocessed images: :func:`image_source`."""
+    return _source(config)
+
+
 class ImageSource:
     """Random access to ``config.data``'s usable images in storage order, each preprocessed as
     training reads it but never flipped: ``source[i] -> {"image": float32 (H, W, C) in [-1, 1],
@@ -608,8 +615,11 @@ def pipeline(source, config, *, seed: int, local_batch_size: int,
 
 def create_iterator(config, *, seed: int, global_batch_size: int,
                     shard_options: grain.sharding.ShardOptions | None = None,
-                    ) -> grain.DatasetIterator:
+                    source_transform=None) -> grain.DatasetIterator:
     """An endless iterator of this process's batches.
+
+    ``source_transform``: optional ``source -> source`` applied to the record source before
+    preprocessing (a method's ``data_source`` hook, e.g. TexTok joining caption embeddings).
 
     Pixels: yields {"image": float32 (B_local, H, W, C) in [-1, 1], "label": int32
     (B_local,)}, B_local = global_batch_size / shard_count; returns an ImageIterator
@@ -634,9 +644,8 @@ def create_iterator(config, *, seed: int, global_batch_size: int,
         return latents.latent_dataset(config, seed=seed, global_batch_size=global_batch_size,
                                             shard_options=shard_options)
     source, skipped_at_build = _source(config)
-    from trainers import captions  # config.data.captions: each record carries its caption embeddings
-
-    source = captions.with_captions(source, config)
+    if source_transform is not None:
+        source = source_transform(source)
     return pipeline(source, config, seed=seed,
                     local_batch_size=global_batch_size // shard_options.shard_count,
                     shard_options=shard_options, skipped_at_build=skipped_at_build)

@@ -44,6 +44,7 @@ anything compiles), naming the file and where it is published.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,10 @@ def load_tokenizer(config, mesh):
 
 
 class Decoder:
-    """``decoder(x) -> images`` (B, H, W, C) in [-1, 1]: the paired tokenizer's decode, jitted and
-    sharded over the batch (B must be a multiple of the data-parallel size)."""
+    """``decoder(x, labels=None) -> images`` (B, H, W, C) in [-1, 1]: the paired tokenizer's decode,
+    jitted and sharded over the batch (B must be a multiple of the data-parallel size). A tokenizer
+    whose ``decode`` takes ``labels`` (TexTok: a caption drawn from the class's pool) gets the
+    sampled labels."""
 
     def __init__(self, config, mesh, tokenizer=None):
         self.mesh = mesh
@@ -244,20 +247,26 @@ class Decoder:
         # Tokenizers with a scale_factor divide by it themselves (tokenizer_config set it).
         divide = 1.0 if "scale_factor" in tok_model else float(config.tokenizer.scale)
         method, model_def = self.method, self.model_def
+        self.takes_labels = "labels" in inspect.signature(method.decode).parameters
 
-        def decode(params, rest, x):
+        def decode(params, rest, x, labels):
             with sharding.use_mesh(mesh):
                 if divide != 1.0:
                     x = x / divide
-                images = method.decode(model_def.merge(params, rest), x)
+                extra = {"labels": labels} if labels is not None else {}
+                images = method.decode(model_def.merge(params, rest), x, **extra)
                 return jax.lax.with_sharding_constraint(images, sharding.batch_sharding(mesh, images.ndim))
 
         self._decode = jax.jit(decode)
 
-    def __call__(self, x) -> jax.Array:
+    def __call__(self, x, labels=None) -> jax.Array:
         x = jax.device_put(x, sharding.batch_sharding(self.mesh, np.ndim(x))) if not isinstance(
             x, jax.Array) or len(x.sharding.device_set) != self.mesh.size else x
-        return self._decode(self.params, self.rest, x)
+        if labels is not None and self.takes_labels:
+            labels = jax.device_put(jnp.asarray(labels, jnp.int32), sharding.batch_sharding(self.mesh, 1))
+        else:
+            labels = None
+        return self._decode(self.params, self.rest, x, labels)
 
 
 def build_decoder(config, mesh) -> Decoder | None:

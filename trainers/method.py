@@ -74,6 +74,12 @@ class Method(abc.ABC):
     def validate_config(self, config) -> None:
         """Raise ValueError naming the field for a method-specific config mistake."""
 
+    def data_source(self, source):
+        """The training record source this method reads (``source[i] -> record dict``): the data
+        pipeline's records by default; a method that needs more per record (TexTok's caption
+        embeddings) joins it here, so the data module never imports method-specific code."""
+        return source
+
     @abc.abstractmethod
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
         """The network, with logical axis names on every parameter."""

@@ -100,7 +100,7 @@ class Sampler:
 def sample_images(sampler: Sampler, decoder: decode.Decoder | None, params, rest, rng, labels):
     """(images (B, H, W, C) in [-1, 1], the generator's raw output): one batch, decoded when paired."""
     x = sampler(params, rest, rng, labels)
-    return (x if decoder is None else decoder(x)), x
+    return (x if decoder is None else decoder(x, labels)), x
 
 
 def generate(config, sampler: Sampler, params, rest, mesh, num_samples: int, *, seed: int,

@@ -245,14 +245,15 @@ def _train(config, workdir: str, devices) -> dict:
     from trainers import data
 
     # ---- data (first: a dataset with no usable images fails before any model is set up)
-    data_iter = data.create_iterator(config, seed=config.seed, global_batch_size=config.batch_size)
+    method = get_method(config)
+    data_iter = data.create_iterator(config, seed=config.seed, global_batch_size=config.batch_size,
+                                     source_transform=method.data_source)
 
     # ---- mesh
     mesh = sharding.make_mesh(config.mesh, devices)
     logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
-    # ---- method, model shapes, optimizer
-    method = get_method(config)
+    # ---- model shapes, optimizer
     model_def = ModelDef(method)
     plan = TrainPlan(method, model_def, config)
     init = plan.init
