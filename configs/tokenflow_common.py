@@ -62,7 +62,7 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     c.data.image_size = size
     c.data.channels = 3
     c.data.num_classes = 1000
-    c.batch_size = 32  # --global-batch-size in train_vq.sh (likely a placeholder; not verified)
+    c.batch_size = 32  # train_vq.sh's --global-batch-size default (the paper does not state its batch)
     c.num_steps = 100 * IMAGENET_TRAIN_IMAGES // c.batch_size  # 100 epochs
     o = c.optim
     o.lr, o.b1, o.b2, o.weight_decay, o.grad_clip = 1e-4, 0.9, 0.95, 0.0, 1.0  # Adam, no schedule
