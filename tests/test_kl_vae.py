@@ -15,6 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from configs import kl_vae_f16  # noqa: E402
 from tokenizers import kl_vae  # noqa: E402
 from trainers import convert  # noqa: E402
+from tests.conftest import run_python  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "golden" / "kl16_vae.npz"
 REPO = Path(__file__).resolve().parents[1]
@@ -68,22 +69,38 @@ def test_importers_read_kl16_and_ldm_sd_layouts_identically():
         kl_vae.import_kl16(params, config)
 
 
-def test_sd_vae_parity_with_diffusers(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch = pytest.importorskip("torch")
-    from safetensors.torch import save_file
+_DIFFUSERS_VAE = """
+import sys, numpy as np, torch, diffusers
+from safetensors.torch import save_file
+torch.manual_seed(0)
+ref = diffusers.AutoencoderKL(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+    latent_channels=4, norm_num_groups=32, sample_size=32).eval()
+with torch.no_grad():
+    for name, p in ref.named_parameters():
+        if p.ndim == 1:  # non-trivial norms and biases, so a wrong mapping cannot pass
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, sys.argv[1])
+rs = np.random.RandomState(0)
+x = rs.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+z = rs.randn(2, 4, 16, 16).astype(np.float32)
+with torch.no_grad():
+    dist = ref.encode(torch.from_numpy(x)).latent_dist
+    dec = ref.decode(torch.from_numpy(z)).sample.numpy()
+np.savez(sys.argv[2], x=x, z=z, mean=dist.mean.numpy(), logvar=dist.logvar.numpy(), dec=dec)
+"""
 
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=32).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if p.ndim == 1:  # non-trivial norms and biases, so a wrong mapping cannot pass
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    path = tmp_path / "diffusion_pytorch_model.safetensors"
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+
+def test_sd_vae_parity_with_diffusers(tmp_path):
+    pytest.importorskip("diffusers")
+    # diffusers imports transformers, which imports Hugging Face's `tokenizers`: the zoo's package of that
+    # name shadows it in this process, so the reference runs outside the repo root.
+    script = tmp_path / "diffusers_vae.py"
+    script.write_text(_DIFFUSERS_VAE)
+    path, ref_path = tmp_path / "diffusion_pytorch_model.safetensors", tmp_path / "ref.npz"
+    run_python([str(script), str(path), str(ref_path)], cwd=tmp_path, timeout=600)
+    ref = np.load(ref_path)
 
     c = kl_vae_f16.get_config()
     m = c.model
@@ -93,17 +110,10 @@ def test_sd_vae_parity_with_diffusers(tmp_path):
     method = kl_vae.KLVAEMethod(c)
     model = method.model_def.merge(jax.tree.map(jnp.asarray, params))
 
-    rs = np.random.RandomState(0)
-    x = rs.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
-    z = rs.randn(2, 4, 16, 16).astype(np.float32)
-    with torch.no_grad():
-        dist = ref.encode(torch.from_numpy(x)).latent_dist
-        ref_mean, ref_logvar = dist.mean.numpy(), dist.logvar.numpy()
-        ref_dec = ref.decode(torch.from_numpy(z)).sample.numpy()
-    moments = method.encode(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    moments = method.encode(model, jnp.asarray(ref["x"].transpose(0, 2, 3, 1)))
     mean, logvar, _ = kl_vae.gaussian_parameters(moments)
-    dec = model.decode(jnp.asarray(z.transpose(0, 2, 3, 1)))
-    for ours, want in ((mean, ref_mean), (logvar, ref_logvar), (dec, ref_dec)):
+    dec = model.decode(jnp.asarray(ref["z"].transpose(0, 2, 3, 1)))
+    for ours, want in ((mean, ref["mean"]), (logvar, ref["logvar"]), (dec, ref["dec"])):
         err = np.abs(np.asarray(ours).transpose(0, 3, 1, 2) - want).max()
         assert err <= 1e-4 * max(1.0, np.abs(want).max()), err
 

@@ -45,19 +45,19 @@ def test_tail_token_drop_uses_only_the_kept_prefix(tiny):
         for k in ks:
             keep = vit.prefix_mask(k, n)
             changed = z_q.at[:, k:].set(jax.random.normal(jax.random.PRNGKey(k), z_q[:, k:].shape))
-            out[k] = {"masked": model.decoder(z_q, keep), "changed_tail": model.decoder(changed, keep),
+            out[f"k{k}"] = {"masked": model.decoder(z_q, keep), "changed_tail": model.decoder(changed, keep),
                       "sliced": model.decode(z_q, length=k),  # upstream's literal z[..., :k]
                       "changed_kept": model.decoder(z_q.at[:, k - 1].add(1.0), keep)}
         return out
 
     out = jax.tree.map(np.asarray, outputs(z_q))
     for k in ks:
-        o = out[k]
+        o = out[f"k{k}"]
         np.testing.assert_array_equal(o["changed_tail"], o["masked"])  # tokens after the k-th change nothing
         np.testing.assert_allclose(o["sliced"], o["masked"], atol=2e-5)  # static shapes == upstream's slice
         assert np.abs(o["changed_kept"] - o["masked"]).max() > 1e-4  # a kept token does matter
     np.testing.assert_allclose(out["keep_all"], out["full"], atol=1e-6)  # k = N is the plain decode
-    np.testing.assert_allclose(out["traced"], out[3]["masked"], atol=2e-5)  # a traced length
+    np.testing.assert_allclose(out["traced"], out["k3"]["masked"], atol=2e-5)  # a traced length
 
 
 def test_prefix_lengths_one_per_step_uniform_over_1_to_n():
