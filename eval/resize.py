@@ -148,11 +148,12 @@ def _torch_cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
     return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
-def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None = None) -> np.ndarray:
     """(out, in) weights of ``F.interpolate(mode="bicubic", align_corners=False, antialias=False)``:
     src = (dst + 0.5) * in/out - 0.5 (not clamped), taps floor(src) - 1 .. floor(src) + 2 clamped
-    to the border, cubic-convolution weights with A = -0.75 (torch's, not Keys' -0.5)."""
-    scale = np.float32(in_size / out_size)
+    to the border, cubic-convolution weights with A = -0.75 (torch's, not Keys' -0.5). Called with
+    ``scale_factor=`` torch maps coordinates with 1/scale_factor instead of in/out (DINO's +0.1)."""
+    scale = np.float32(in_size / out_size if scale_factor is None else 1.0 / scale_factor)
     src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
     idx = np.floor(src).astype(np.int64)
     w = _torch_cubic_weights((src - idx).astype(np.float64))
@@ -176,8 +177,12 @@ def torch_area(x, size: tuple[int, int]):
     return _separable(x, torch_area_matrix(x.shape[1], size[0]), torch_area_matrix(x.shape[2], size[1]))
 
 
-def torch_bicubic(x, size: tuple[int, int]):
-    """``F.interpolate(mode="bicubic", align_corners=False)`` of (b, h, w, c) maps (no clipping)."""
-    if tuple(x.shape[1:3]) == tuple(size):
+def torch_bicubic(x, size: tuple[int, int], scale_factor: tuple[float, float] | None = None):
+    """``F.interpolate(mode="bicubic", align_corners=False)`` of (b, h, w, c) maps (no clipping);
+    ``scale_factor`` (h, w): torch's ``scale_factor=`` call, whose output size is floor(in * factor)."""
+    if scale_factor is not None:
+        size = tuple(int(np.floor(n * f)) for n, f in zip(x.shape[1:3], scale_factor))
+    elif tuple(x.shape[1:3]) == tuple(size):
         return x
-    return _separable(x, torch_bicubic_matrix(x.shape[1], size[0]), torch_bicubic_matrix(x.shape[2], size[1]))
+    sh, sw = scale_factor or (None, None)
+    return _separable(x, torch_bicubic_matrix(x.shape[1], size[0], sh), torch_bicubic_matrix(x.shape[2], size[1], sw))
