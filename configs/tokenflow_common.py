@@ -2,15 +2,25 @@
 ``tokenflow/scripts/train_vq*.sh`` and ``vq_train.py`` defaults (notes: shared/methods/tokenflow_code.md).
 
 Variants (comma-separated ``arg``): "" (the paper's recipe: joint training), "decoder" (the
-decoder-only fine-tune, --finetune_decoder), "enhanced" (the 256-channel, 4-res-block pixel decoder,
---enhanced_decoder; with "decoder" it trains alone on the frozen rest), "demo" (the embedded digits
-on a laptop CPU, with the frozen student initialisation as teacher), "released" (import/evaluation of
-``tokenflow_clipb_32k_enhanced.pt``: no teacher needed):
+decoder-only fine-tune, --finetune_decoder, from the joint stage's workdir ``config.model.init_from``),
+"enhanced" (the 256-channel, 4-res-block pixel decoder, --enhanced_decoder; with "decoder" it trains
+from scratch on the frozen rest of ``init_from``), "demo" (the embedded digits on a laptop CPU, with
+the frozen student initialisation as teacher), "released" (import/evaluation of
+``tokenflow_clipb_32k_enhanced.pt`` / ``tokenflow_siglip_32k.pt``: no teacher needed):
+
+    python -m trainers.main --config=configs/tokenflow_clipb.py --workdir=J \
+        --config.model.teacher_path=ViT-B-16.pt --config.data.dir=...
+    python -m trainers.main --config=configs/tokenflow_clipb.py:decoder,enhanced --workdir=E \
+        --config.model.init_from=J --config.model.teacher_path=ViT-B-16.pt
 
     python -m trainers.convert import tokenflow tokenflow_clipb_32k_enhanced.pt \
         --config=configs/tokenflow_clipb.py:enhanced,released --out=DIR
+    python -m trainers.convert import tokenflow tokenflow_siglip_32k.pt \
+        --config=configs/tokenflow_siglip.py:released --out=DIR
 
-    python -m trainers.main --config=configs/tokenflow_clipb.py:demo --workdir=DIR
+    python -m trainers.main --config=configs/tokenflow_clipb.py:demo --workdir=TOK
+    python -m trainers.main --config=configs/tokenflow_clipb.py:demo,decoder --workdir=TOK2 \
+        --config.model.init_from=TOK
 """
 
 from __future__ import annotations
@@ -20,12 +30,19 @@ import ml_collections
 from configs import common
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-# teacher -> (image size, semantic width, depth, heads, patch, scales, teacher feature dim) as vq_model.py.
+# teacher -> (image size, semantic width, depth, heads, patch, scales, teacher feature dim, architecture
+# extras) as vq_model.py (SigLIP: the 27-layer tower, of which TokenFlow uses hidden_states[-2]).
 TEACHERS = {
-    "clipb_224": (224, 768, 12, 12, 16, (1, 2, 4, 6, 8, 10, 12, 14), 512),
-    "vitamin_xlarge_256": (256, 1152, 32, 16, 16, (1, 2, 4, 6, 8, 10, 12, 14, 16), 1152),
-    "siglip_384": (384, 1152, 27, 16, 14, (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27), 1152),
+    "clipb_224": (224, 768, 12, 12, 16, (1, 2, 4, 6, 8, 10, 12, 14), 512, {}),
+    "vitamin_xlarge_256": (256, 1152, 32, 16, 16, (1, 2, 4, 6, 8, 10, 12, 14, 16), 1152,
+                           dict(stem_width=192, stage_widths=(192, 384), stage_depths=(2, 4))),
+    "siglip_384": (384, 1152, 27, 16, 14, (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 22, 27), 1152,
+                   dict(mlp_dim=4304)),
 }
+# the teachers' published checkpoints (config.model.teacher_path)
+TEACHER_FILES = {"clipb_224": "OpenAI ViT-B-16.pt (clip.load('ViT-B/16'))",
+                 "vitamin_xlarge_256": "jienengchen/ViTamin-XL-256px model.safetensors (timm)",
+                 "siglip_384": "google/siglip-so400m-patch14-384 model.safetensors"}
 
 
 def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -33,12 +50,13 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     unknown = set(variants) - {"demo", "decoder", "enhanced", "released"}
     if unknown:
         raise ValueError(f"TokenFlow config variants: demo, decoder, enhanced, released; got {arg!r}")
-    size, width, depth, heads, patch, scales, teacher_dim = TEACHERS[teacher]
+    size, width, depth, heads, patch, scales, teacher_dim, extra = TEACHERS[teacher]
     c = common.base()
     m = c.model
     m.name = "tokenflow"
     m.teacher = teacher  # the frozen teacher (and student init); "student_init" in the demo
-    m.semantic = ml_collections.ConfigDict(dict(width=width, depth=depth, heads=heads))
+    m.teacher_path = ""  # the teacher's checkpoint (TEACHER_FILES); needed when semantic_weight > 0
+    m.semantic = ml_collections.ConfigDict(dict(width=width, depth=depth, heads=heads, **extra))
     m.patch_size = patch
     m.teacher_dim = teacher_dim  # CLIP: patch tokens @ visual.proj (512); ViTamin/SigLIP: 1152
     # Pixel branch: LlamaGen VQ-16.
@@ -55,6 +73,7 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     m.vqkd = ml_collections.ConfigDict(dict(width=width, depth=3, heads=12))
     m.stage = "decoder" if "decoder" in variants else "joint"
     m.decoder_finetune_start = -1  # joint stage: step from which only the decoder trains (-1 = never)
+    m.init_from = ""  # a previous stage's workdir (upstream --vq-ckpt): the decoder stages start from the joint one
     m.loss = ml_collections.ConfigDict(dict(
         l2_weight=1.0, perceptual_weight=1.0, vgg_path="", lpips_lin_path="", semantic_weight=1.0,
         disc_weight=0.5, disc_start=20_000, disc_ndf=64, disc_layers=3))
@@ -90,5 +109,8 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
         c.ema_rate = 0.99
         c.checkpoint_every = c.num_steps
         c.num_grid_samples = 16
-        c.eval.num_samples = 0
+        c.eval.num_samples = 500  # reconstructions scored: MNIST-feature rFID (eval/domain.py)
+    if "decoder" in variants:
+        # upstream resumes the joint run's step counter (no --finetune in the scripts): the GAN is on
+        m.loss.disc_start = 0
     return c
