@@ -11,7 +11,8 @@ Tokenizer variants (``get_config`` argument, comma-separated): ``256`` (default)
 (embedded digits at 32 px with measured captions and a random frozen T5, laptop-sized);
 ``notext`` (the text-free baseline), ``encoder`` / ``decoder`` (text in one half only, the paper's
 ablation); ``ae`` (deterministic tokens instead of the KL head); ``gan`` (demo: turn the StyleGAN
-discriminator on); ``tK`` (K tokens instead of the file's N, e.g. ``t8``).
+discriminator on); ``tK`` (K tokens instead of the file's N, e.g. ``t8``); ``quick`` (demo: the
+few-minute measurement size of the text-vs-no-text table: width 64, depth 2, batch 32, 200 steps).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def text_config(t5_path: str) -> ml_collections.ConfigDict:
 
 def tokenizer_config(num_tokens: int, arg: str | None) -> ml_collections.ConfigDict:
     variants = [a for a in (arg or "").split(",") if a]
-    resolution, demo, inject, latent, gan = 256, False, "both", "kl", None
+    resolution, demo, inject, latent, gan, quick = 256, False, "both", "kl", None, False
     for v in variants:
         if v in ("256", "512"):
             resolution = int(v)
@@ -46,10 +47,12 @@ def tokenizer_config(num_tokens: int, arg: str | None) -> ml_collections.ConfigD
             latent = "ae"
         elif v == "gan":
             gan = True
+        elif v == "quick":
+            quick = True
         elif v.startswith("t") and v[1:].isdigit():
             num_tokens = int(v[1:])
         else:
-            raise ValueError(f"unknown TexTok variant {v!r}; use 256, 512, demo, notext, encoder, decoder, ae, gan, tK")
+            raise ValueError(f"unknown TexTok variant {v!r}; use 256, 512, demo, notext, encoder, decoder, ae, gan, quick, tK")
     c = common.base()
     c.model = ml_collections.ConfigDict(dict(
         name="textok", patch_size=8 if resolution == 256 else 16, **VIT_B, mlp_ratio=4.0,
@@ -83,8 +86,18 @@ def tokenizer_config(num_tokens: int, arg: str | None) -> ml_collections.ConfigD
     # with `python -m tokenizers.textok evaluate --workdir=...` (reconstructions under their captions).
     c.num_grid_samples = 0
     c.eval.num_samples = 0
+    if quick and not demo:
+        raise ValueError("the TexTok variant 'quick' shrinks the demo: use it with 'demo' (e.g. demo,quick,t8)")
     if demo:
         demo_tokenizer(c, gan)
+    if quick:
+        # The measurement size (README's text-vs-no-text table): a few minutes per run on a loaded CPU.
+        c.model.update(width=64, depth=2, num_heads=2)
+        c.batch_size = 32
+        c.num_steps = 200
+        c.optim.warmup_steps = 20
+        c.checkpoint_every = 200
+        c.log_every = 50
     return c
 
 
@@ -139,7 +152,7 @@ def dit_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.data.random_flip = True
     c.data.latents = f"data_cache/imagenet2012_{resolution}_textok{num_tokens}_tokens"
     # The paired tokenizer (trainers/decode.py): a TexTok workdir; scale = 1 / std of its tokens (choice:
-    # unit variance before diffusion; `tokenizers.textok.token_stats(cache)` measures it).
+    # unit variance before diffusion; `python -m trainers.cache_latents --tokenizer_workdir=...` prints it).
     c.tokenizer.update(kind="workdir", workdir=f"workdirs/textok{num_tokens}_{resolution}", scale=1.0, use_ema=True)
     # Paper: 350 epochs (ImageNet 1.28M / 256 = 5005 steps per epoch); DiT/SiT defaults otherwise.
     c.batch_size = 256
@@ -151,8 +164,8 @@ def dit_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.sample.num_steps = 250
     c.sample.cfg_scale = 1.5  # the paper's CFG scale is not known: sweep 1.25..2.0
     c.sample.cfg_channels = 0  # guide every token channel
-    c.num_grid_samples = 0
-    c.eval.num_samples = 0
+    # Grids and scores (config.num_grid_samples, config.eval) decode with a caption drawn from each sampled
+    # label's pool (TexTok's decode(labels=)); FID-50K with `python -m trainers.sample` as for DiT.
     if demo:
         c.model.update(input_size=num_tokens if "t" + str(num_tokens) in variants else 32, hidden_size=128, depth=4, num_heads=4, num_classes=10)
         c.data.name = "mnist_embedded"
@@ -170,4 +183,8 @@ def dit_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.sample.num_steps = 50 if objective == "ddpm" else 30
         c.sample.method = "ddim" if objective == "ddpm" else "euler"
         c.sample.cfg_scale = 2.0
+        c.num_grid_samples = 40  # 4 per class, one column per class
+        c.sample_every = 1000
+        c.eval.every = 1000  # and at the end: MNIST-feature FID, MNIST-classifier IS, class accuracy
+        c.eval.num_samples = 500
     return c

@@ -208,6 +208,43 @@ def test_embedding_cache_and_the_pipeline_carry_each_images_captions(captioned):
         assert int(key[5]) == int(batch["label"][b])
 
 
+def test_measure_and_embed_commands(captioned, tmp_path):
+    """`python -m trainers.captions measure` writes the measured captions of the config's data (as
+    measure_embedded makes them); `embed` turns that file into the cache the pipeline reads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, c, ids, *_ = captioned
+    repo = Path(__file__).resolve().parents[1]
+    data = ["--config.data.name=folder", f"--config.data.folder={c.data.folder}", "--config.data.num_classes=2",
+            f"--config.data.cache_dir={c.data.cache_dir}", "--config.text.max_length=40",
+            "--config.text.random_t5.d_model=8", "--config.text.random_t5.d_ff=16",
+            "--config.text.random_t5.num_layers=1", "--config.text.random_t5.num_heads=1",
+            "--config.text.random_t5.d_kv=8"]
+    run = lambda *args: subprocess.run([sys.executable, "-m", "trainers.captions", *args,  # noqa: E731
+                                        "--config=configs/textok_32.py:demo", *data], cwd=repo,
+                                       capture_output=True, text=True, timeout=600)
+    out = run("measure", f"--out={tmp_path / 'measured.jsonl'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "16 images" in out.stdout and "tertiles" in out.stdout
+    written = captions.read_caption_file(tmp_path / "measured.jsonl")
+    c2 = c.copy_and_resolve_references()
+    c2.text.max_length = 40
+    expected, _ = captions.measure_embedded(c2)
+    assert written == expected and list(written) == ids
+    assert all(len(v) == 2 and k.split("/")[0] in v[0] for k, v in written.items())  # folder names = classes
+    out = run("embed", f"--captions={tmp_path / 'measured.jsonl'}", f"--out={tmp_path / 'emb'}", "--batch_size=8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cache = captions.CaptionCache(tmp_path / "emb")
+    assert cache.meta["num_captions"] == 32 and cache.text_shape == (40, 8)
+    assert sorted(set(cache.labels.tolist())) == [0, 1]  # labels recorded: per-class pools work
+    assert cache.class_pool(2, 2, seed=0)[0].shape == (2, 2, 40, 8)
+    bad = subprocess.run([sys.executable, "-m", "trainers.captions", "measure", f"--out={tmp_path / 'x.jsonl'}"],
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--config" in bad.stdout + bad.stderr
+
+
 def test_config_errors_before_compilation(captioned, tmp_path):
     _, c, *_ = captioned
     from trainers import config_validation
@@ -254,14 +291,35 @@ def test_tokenizer_and_generator_train_in_the_loop_and_sample_with_pool_captions
     assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"]) and rows[-1]["disc_factor"] == 1.0
     assert "d_loss" in rows[-1] and int(state["step"]) == 3
     scores = textok.evaluate_tokenizer(str(tok_dir), 16, domain=True)
-    assert np.isfinite(scores["mse"]) and "mnist_fid" in scores
+    assert np.isfinite(scores["mse"]) and "mnist_fid" in scores and scores["step"] == 3
+    assert scores["num_tokens"] == 4 and scores["text_inject"] == "both"
+    baseline = {**scores, "text_inject": "none", "mse": 2 * scores["mse"]}
+    text = textok.table([scores, baseline]).splitlines()
+    assert len(text) == 3 and text[2].startswith("| 4 | 3 |") and f"{2 * scores['mse']:.4f}" in text[2]
 
-    from trainers import sharding
+    # The one cache command dispatches to TexTok's own encoder (each image with its caption).
+    from trainers import cache_latents, sharding
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    config, _, _, params, rest = textok._restore(str(tok_dir), mesh)
-    meta = textok.write_token_cache(config, params, rest, tmp_path / "tokens", batch_size=8)
+    config, params, rest = cache_latents.load_workdir_tokenizer(str(tok_dir), mesh)
+    meta = cache_latents.write_cache(config, params, str(tmp_path / "tokens"), batch_size=8, mesh=mesh, rest=rest,
+                                     progress=False)
     assert meta["count"] == 16 and meta["latent_shape"] == [1, 4, 4] and meta["record_shape"] == [2, 1, 4, 8]
+    assert meta["latent_type"] == "moments" and meta["latent_std"] > 0
+    with pytest.raises(ValueError, match="caption"):
+        cache_latents.write_cache(config, params, str(tmp_path / "x"), npz=str(tmp_path / "x.npz"), rest=rest)
+    # The first caption of each image: the cache equals encoding by hand under the first caption.
+    from trainers import data, latents
+
+    _, _, model_def, *_ = textok._restore(str(tok_dir), mesh)
+    source = captions.with_captions(data.record_source(config)[0], config)
+    prep = data.Preprocess(32, 1, False, data.min_image_side(config))
+    first = prep(source[0], np.random.default_rng(0))
+    moments = textok.TexTokMethod(config).encode(model_def.merge(params, rest), jnp.asarray(first["image"])[None],
+                                                 jnp.asarray(first["caption_emb"][:1]),
+                                                 jnp.asarray(first["caption_mask"][:1]))
+    np.testing.assert_allclose(latents.LatentSource(str(tmp_path / "tokens"))[0]["moments"][0], moments[0],
+                               atol=1e-4)
 
     d = textok_dit_l.get_config("demo,t4,sit")
     d.model.update(in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=2)
@@ -271,10 +329,14 @@ def test_tokenizer_and_generator_train_in_the_loop_and_sample_with_pool_captions
     d.batch_size, d.num_steps, d.log_every, d.checkpoint_every, d.sample_batch_size = 8, 3, 1, 3, 8
     d.optim.warmup_steps = 1
     d.sample.num_steps = 3
+    d.sample_every, d.eval.every, d.num_grid_samples, d.eval.num_samples = 0, 0, 4, 8
     from trainers import config_validation
 
     config_validation.validate(d)
     train.train_and_evaluate(d, str(tmp_path / "dit"))
+    # The loop's grid and score decode the sampled tokens with pool captions of the sampled labels.
+    assert (tmp_path / "dit" / "samples" / "step_00000003.png").exists()
+    assert json.loads((tmp_path / "dit" / "scores.jsonl").read_text().splitlines()[-1])["step"] == 3
     images, labels, scores = textok.sample_generator(str(tmp_path / "dit"), 16, domain=True)
     assert images.shape == (16, 32, 32, 1) and images.dtype == np.uint8
     assert list(labels[:4]) == [0, 1, 0, 1] and np.isfinite(scores["mnist_fid"])

@@ -394,6 +394,16 @@ class TexTokMethod(Method):
             text, text_mask = self.pool_captions(labels, rng)
         return model.decode(z, text, text_mask)
 
+    def write_latent_cache(self, params, rest, out, *, npz: str = "", batch_size: int = 64, mesh=None,
+                           progress: bool = True) -> dict:
+        """trainers/cache_latents.py's hook: TexTok encodes each image with its caption, so the cache is
+        written from ``config.data`` joined with ``config.data.captions`` (:func:`write_token_cache`)."""
+        del mesh  # one process, the default device
+        if npz:
+            raise ValueError(f"--npz={npz}: TexTok encodes each image with its caption and an .npz of images has "
+                             "none; encode config.data (with config.data.captions) instead")
+        return write_token_cache(self.config, params, rest, out, batch_size=batch_size, progress=progress)
+
     def reconstruct(self, model: TexTok, images, text=None, text_mask=None) -> jax.Array:
         """Images through the posterior mean with their own caption: what the loop logs as reconstructions."""
         text, text_mask = self._text(text, text_mask, "reconstructs")
@@ -554,14 +564,21 @@ def _lpips_abstract():
 # ----------------------------------------------------------------------------
 
 
-def write_token_cache(tok_config, params, rest, out: str | Path, *, batch_size: int = 64) -> dict:
+def write_token_cache(tok_config, params, rest, out: str | Path, *, batch_size: int = 64,
+                      progress: bool = False) -> dict:
     """Encode every usable image of ``tok_config.data`` with its first caption into a latent cache
     (trainers/latents.py layout: record = int32 label + float32 (2, 1, N, C) [image, flipped image],
-    ``latent_type`` of the tokenizer). Single process."""
+    ``latent_type`` of the tokenizer; metadata as trainers/cache_latents.py writes it, with
+    ``latent_std`` for the generator's ``config.tokenizer.scale``). Single process; what
+    ``python -m trainers.cache_latents --tokenizer_workdir=TEXTOK_RUN`` runs (the method's
+    ``write_latent_cache`` hook)."""
     from array_record.python.array_record_module import ArrayRecordWriter
+    from tqdm import tqdm
 
     from trainers import captions, data, latents
 
+    if jax.process_count() > 1:
+        raise ValueError("the TexTok token cache is written by one process (run cache_latents without --distributed)")
     method = TexTokMethod(tok_config)
     model_def = method.model_def
     source, _ = data.record_source(tok_config)
@@ -582,6 +599,8 @@ def write_token_cache(tok_config, params, rest, out: str | Path, *, batch_size: 
     name = "latents-00000-of-00001.array_record"
     writer = ArrayRecordWriter(str(out / name), "group_size:1")
     count, shape = 0, None
+    sums = np.zeros(3)  # view 0: sum z, sum z^2, count (z a posterior sample, in expectation)
+    bar = tqdm(total=len(source), desc=f"encoding -> {out}", disable=not progress, unit="img")
 
     def flush(items):
         nonlocal count, shape
@@ -591,9 +610,16 @@ def write_token_cache(tok_config, params, rest, out: str | Path, *, batch_size: 
         mask = stack("caption_mask")[:, 0] if method.uses_text else None
         moments = np.asarray(encode(params, rest, stack("image"), text, mask))[: len(items)]
         shape = moments.shape[1:]
+        v = moments[:, 0].astype(np.float64)
+        if method.latent_type == "moments":
+            mean, logvar = np.split(v, 2, axis=-1)
+            sums[:] += [mean.sum(), (mean ** 2 + np.exp(np.clip(logvar, -30.0, 20.0))).sum(), mean.size]
+        else:
+            sums[:] += [v.sum(), (v ** 2).sum(), v.size]
         for mo, it in zip(moments.astype(np.float32), items):
             writer.write(latents.LABEL.pack(int(it["label"])) + mo.tobytes())
         count += len(items)
+        bar.update(len(items))
 
     try:
         items = []
@@ -609,10 +635,16 @@ def write_token_cache(tok_config, params, rest, out: str | Path, *, batch_size: 
             flush(items)
     finally:
         writer.close()
+        bar.close()
+    if shape is None:
+        raise ValueError(f"no images to encode in config.data ({tok_config.data.name!r})")
     c = int(tok_config.model.token_channels)
     meta = {"format_version": latents.FORMAT_VERSION, "files": [name], "record_shape": list(shape),
-            "moments_shape": list(shape), "latent_shape": [1, int(tok_config.model.num_tokens), c],
+            "latent_shape": [1, int(tok_config.model.num_tokens), c],
             "latent_type": method.latent_type, "count": count, "image_size": int(tok_config.data.image_size),
+            "scale_factor": float(tok_config.model.get("scale_factor", 1.0)),
+            "latent_std": float(np.sqrt(max(sums[1] / sums[2] - (sums[0] / sums[2]) ** 2, 0.0))),
+            "captions": "first caption of each image" if method.uses_text else "none (text-free)",
             "tokenizer": tok_config.model.to_dict()}
     (out / latents.METADATA).write_text(json.dumps(meta, indent=1, default=list))
     return meta
@@ -692,33 +724,22 @@ class TexTokDiT(dit_lib.DiTMethod):
         return (batch, 1, int(m.input_size), int(m.in_channels))
 
 
-def token_stats(path: str | Path) -> dict:
-    """Mean and std of a token cache's posterior means (for choosing config.tokenizer.scale = 1 / std)."""
-    from trainers import latents
-
-    source = latents.LatentSource(str(path))
-    n = min(len(source), 2000)
-    means = np.stack([np.split(source[i][source.latent_type][0], 2, axis=-1)[0]
-                      if source.latent_type == "moments" else source[i][source.latent_type][0] for i in range(n)])
-    return {"mean": float(means.mean()), "std": float(means.std()), "count": n}
-
-
-
 # ----------------------------------------------------------------------------
 # Scoring and the command line: reconstructions under their captions, samples under pool captions
 # ----------------------------------------------------------------------------
 
 
 def _restore(workdir, mesh):
-    """(config, method, model_def, params, rest) of a run's newest checkpoint (EMA params)."""
+    """(config, method, model_def, params, rest, step) of a run's newest checkpoint (EMA params where
+    its config.sample.use_ema says)."""
     from trainers import checkpoint, decode
     from trainers.method import get_method
 
     config = checkpoint.read_config(workdir)
     method = get_method(config)
     model_def = ModelDef(method)
-    _, params, rest = decode.restore_params(workdir, model_def, mesh, use_ema=bool(config.sample.use_ema))
-    return config, method, model_def, params, rest
+    step, params, rest = decode.restore_params(workdir, model_def, mesh, use_ema=bool(config.sample.use_ema))
+    return config, method, model_def, params, rest, step
 
 
 def evaluate_tokenizer(workdir: str, num: int = 500, *, seed: int = 17, mesh=None, domain: bool | None = None) -> dict:
@@ -729,7 +750,9 @@ def evaluate_tokenizer(workdir: str, num: int = 500, *, seed: int = 17, mesh=Non
     from trainers.sample import images_to_uint8
 
     mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    config, method, model_def, params, rest = _restore(workdir, mesh)
+    config, method, model_def, params, rest, step = _restore(workdir, mesh)
+    if method.kind != "tokenizer":
+        raise ValueError(f"{workdir}: a {config.model.name!r} run; evaluate takes a TexTok tokenizer run")
     with config.unlocked():
         config.data.random_flip = False
     it = data.create_iterator(config, seed=seed, global_batch_size=config.batch_size,
@@ -745,7 +768,8 @@ def evaluate_tokenizer(workdir: str, num: int = 500, *, seed: int = 17, mesh=Non
     scores = harness.evaluate(images_to_uint8(y), dataset_images=images_to_uint8(x),
                               inception_weights=config.eval.inception_weights or None,
                               domain=config.data.name == data.EMBEDDED if domain is None else domain)
-    return {"mse": mse, "psnr": float(10 * np.log10(4.0 / mse)), **scores}
+    return {"num_tokens": int(config.model.num_tokens), "text_inject": str(config.model.text_inject), "step": step,
+            "num": num, "mse": mse, "psnr": float(10 * np.log10(4.0 / mse)), **scores}
 
 
 def sample_generator(workdir: str, num: int = 500, *, seed: int = 1, mesh=None, reference_seed: int = 17,
@@ -758,7 +782,7 @@ def sample_generator(workdir: str, num: int = 500, *, seed: int = 1, mesh=None, 
     from trainers.train import dataset_images
 
     mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    config, method, model_def, params, rest = _restore(workdir, mesh)
+    config, method, model_def, params, rest, _ = _restore(workdir, mesh)
     tok_method, tok_def, tok_params, tok_rest = decode.load_tokenizer(config, mesh)
 
     @jax.jit
@@ -783,38 +807,63 @@ def sample_generator(workdir: str, num: int = 500, *, seed: int = 1, mesh=None, 
     return images, labels, scores
 
 
+def table(rows: list[dict]) -> str:
+    """The text-vs-no-text comparison as a markdown table: one line per token count, the two runs side by side."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["num_tokens"], {})["none" if r["text_inject"] == "none" else "text"] = r
+    fid = "mnist_fid" if any("mnist_fid" in r for r in rows) else "fid"
+    head = (f"| tokens | steps | MSE text | MSE no text | PSNR text | PSNR no text | {fid} text | {fid} no text |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    cell = lambda d, k, f: format(d[k], f) if d and k in d else "-"  # noqa: E731
+    for n in sorted(by):
+        t, b = by[n].get("text"), by[n].get("none")
+        steps = "/".join(sorted({str(r["step"]) for r in (t, b) if r}))
+        lines.append(f"| {n} | {steps} | {cell(t, 'mse', '.4f')} | {cell(b, 'mse', '.4f')} | {cell(t, 'psnr', '.2f')} | "
+                     f"{cell(b, 'psnr', '.2f')} | {cell(t, fid, '.1f')} | {cell(b, fid, '.1f')} |")
+    return "\n".join(lines)
+
+
 def main(argv):
-    """python -m tokenizers.textok evaluate --workdir=TOKENIZER_RUN [--num=500]
-    python -m tokenizers.textok cache --workdir=TOKENIZER_RUN --out=DIR       (tokens for the generator)
-    python -m tokenizers.textok sample --workdir=DIT_RUN --out=FILE.npz [--num=500]"""
+    """python -m tokenizers.textok evaluate --workdir=TOKENIZER_RUN[,RUN,...] [--num=500] [--out=FILE.jsonl]
+        reconstruction MSE / PSNR and MNIST-feature rFID (Inception FID with config.eval.inception_weights)
+        of each run; with several runs also the text-vs-no-text table (one line per token count)
+    python -m tokenizers.textok sample --workdir=DIT_RUN --out=FILE.npz [--num=500]
+        class-conditional samples of a TexTok-DiT run decoded with per-class pool captions, and their scores
+
+    The token cache for the generator: python -m trainers.cache_latents --tokenizer_workdir=TOKENIZER_RUN --out=DIR."""
     import sys
 
     from absl import flags
 
-    if len(argv) < 2 or argv[1] not in ("evaluate", "cache", "sample"):
+    if len(argv) < 2 or argv[1] not in ("evaluate", "sample"):
         print(main.__doc__)
         return 2
-    flags.DEFINE_string("workdir", None, "a textok (evaluate, cache) or textok_dit (sample) run", required=True)
-    flags.DEFINE_string("out", "", "cache: the token cache folder; sample: the .npz (arr_0 images, arr_1 labels)")
+    flags.DEFINE_string("workdir", None, "textok run(s), comma-separated (evaluate), or a textok_dit run (sample)",
+                        required=True)
+    flags.DEFINE_string("out", "", "evaluate: append each run's scores to this .jsonl; sample: the .npz "
+                        "(arr_0 images, arr_1 labels)")
     flags.DEFINE_integer("num", 500, "images to score")
     flags.FLAGS([argv[0]] + argv[2:])
     f = flags.FLAGS
     if argv[1] == "evaluate":
-        scores = evaluate_tokenizer(f.workdir, f.num)
-    elif argv[1] == "cache":
-        from trainers import sharding
-
-        if not f.out:
-            raise SystemExit("cache needs --out=DIR")
-        config, _, _, params, rest = _restore(f.workdir, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))
-        scores = write_token_cache(config, params, rest, f.out)
-        scores = {"count": scores["count"], **token_stats(f.out)}
+        rows = []
+        for workdir in [w for w in f.workdir.split(",") if w]:
+            rows.append({"workdir": workdir, **evaluate_tokenizer(workdir, f.num)})
+            print(json.dumps(rows[-1]), flush=True)
+            if f.out:
+                Path(f.out).parent.mkdir(parents=True, exist_ok=True)
+                with open(f.out, "a") as fh:
+                    fh.write(json.dumps(rows[-1]) + "\n")
+        if len(rows) > 1:
+            print(table(rows), flush=True)
     else:
         images, labels, scores = sample_generator(f.workdir, f.num)
         if f.out:
             Path(f.out).parent.mkdir(parents=True, exist_ok=True)
             np.savez(f.out, arr_0=images, arr_1=labels)
-    print(json.dumps(scores), flush=True)
+        print(json.dumps(scores), flush=True)
     sys.stdout.flush()
     return 0
 

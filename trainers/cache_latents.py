@@ -13,7 +13,10 @@ posterior sample and a random flip every step. The tokenizer is a zoo workdir
 imported with trainers.convert; its EMA or raw params as its ``config.sample.use_ema`` says unless
 ``--params=ema|raw``, and its config's data unless ``--set data.x=y`` or ``--npz``) or a published checkpoint (``--weights``, ``--weights_kind`` kl16 | sd_vae, and
 ``--config`` describing its network). The batch is sharded over all devices; each process
-writes its own ArrayRecord file. Layout and reading: trainers/latents.py.
+writes its own ArrayRecord file. Layout and reading: trainers/latents.py. A tokenizer whose
+encoding needs more than the image writes the cache itself through its method's
+``write_latent_cache(params, rest, out, npz=, batch_size=, mesh=, progress=)`` hook (TexTok: each
+image with its cached caption embedding, tokenizers/textok.py), with the same layout and metadata.
 
 A generator trains on the cache with ``config.data.latents = DIR`` and names the same tokenizer
 in ``config.tokenizer`` (kind ``workdir`` and ``workdir = VAE_DIR``, or the published kind and
@@ -99,6 +102,9 @@ def write_cache(config, params, out: str, *, npz: str = "", batch_size: int = 64
     method = get_method(config)
     if method.kind != "tokenizer" or not hasattr(method, "encode"):
         raise ValueError(f"config.model.name={config.model.name!r} is a {method.kind}, not a tokenizer with encode()")
+    if hasattr(method, "write_latent_cache"):  # a tokenizer that encodes more than the image (TexTok: captions)
+        return method.write_latent_cache(params, rest, out, npz=npz, batch_size=batch_size, mesh=mesh,
+                                         progress=progress)
     latent_type = getattr(method, "latent_type", "latents")
     if latent_type not in latents_lib.LATENT_TYPES:
         raise ValueError(f"{type(method).__name__}.latent_type={latent_type!r}: one of {latents_lib.LATENT_TYPES}")
