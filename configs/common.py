@@ -149,3 +149,14 @@ def embedded_demo_data(c: ml_collections.ConfigDict, image_size: int = 32) -> No
     c.sample.cfg_scale = 2.0
     c.num_grid_samples = 40
     c.eval.num_samples = 500
+
+
+def short_demo_run(c: ml_collections.ConfigDict, num_steps: int = 1200, lr: float = 1e-3) -> None:
+    """The laptop schedule of the pixel demos: batch 64, warmup (100 steps) then cosine, clip 1."""
+    c.batch_size = 64
+    c.num_steps = num_steps
+    c.optim.lr = lr
+    c.optim.schedule = "warmup_cosine"
+    c.optim.warmup_steps = 100
+    c.optim.grad_clip = 1.0
+    c.checkpoint_every = max(1, num_steps // 3)

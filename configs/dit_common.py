@@ -63,13 +63,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.model.update(input_size=32, patch_size=4, in_channels=1, num_classes=10,
                        learn_sigma=objective == "ddpm", hidden_size=min(width, 96), depth=4, num_heads=4)
         common.embedded_demo_data(c, image_size=32)
-        c.batch_size = 64
-        c.num_steps = 1200
-        c.optim.lr = 1e-3
-        c.optim.schedule = "warmup_cosine"
-        c.optim.warmup_steps = 100
-        c.optim.grad_clip = 1.0
-        c.checkpoint_every = 400
+        common.short_demo_run(c)
         c.sample.cfg_channels = 1
         if objective == "ddpm":  # pixel space: clip x_0 to [-1, 1] as ADM's pixel models (DiT's latents: no clip)
             c.sample.clip_denoised = True

@@ -79,11 +79,5 @@ def get_config(size: str, arg: str | None, method: str = "meanflow") -> ml_colle
         common.embedded_demo_data(c, image_size=32)
         c.sample.num_steps = 1
         c.sample.cfg_scale = 1.0
-        c.batch_size = 64
-        c.num_steps = 1200
-        c.optim.lr = 1e-3
-        c.optim.schedule = "warmup_cosine"
-        c.optim.warmup_steps = 100
-        c.optim.grad_clip = 1.0
-        c.checkpoint_every = 400
+        common.short_demo_run(c)
     return c

@@ -58,7 +58,7 @@ from flax import nnx
 
 from models import layers
 from pallas_kernels import dimwise_quant
-from trainers.method import Method
+from trainers.method import Method, check_data_shape
 
 # Upstream's dimension order for MAR's KL-16 latent (derived by the paper's frequency analysis of its
 # channels; specific to that VAE): position i of the channel AR predicts latent channel CHANNEL_ORDER[i].
@@ -571,14 +571,7 @@ class TokenBridge(Method):
             raise ValueError(f"config.sample.cfg_schedule={s.cfg_schedule!r}: must be one of {CFG_SCHEDULES}")
         if s.temperature < 0:
             raise ValueError(f"config.sample.temperature={s.temperature}: must be >= 0 (0 = argmax)")
-        if not config.data.latents and (m.input_size != config.data.image_size
-                                        or m.in_channels != config.data.channels):
-            raise ValueError(f"config.model.input_size={m.input_size}/in_channels={m.in_channels} must match "
-                             f"config.data.image_size={config.data.image_size}/channels={config.data.channels} "
-                             "when training on pixels")
-        if m.num_classes != config.data.num_classes:
-            raise ValueError(f"config.model.num_classes={m.num_classes} != config.data.num_classes="
-                             f"{config.data.num_classes}")
+        check_data_shape(config)
 
     def create_model(self, rngs: nnx.Rngs) -> TokenBridgeNet:
         m = self.config.model

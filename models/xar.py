@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from trainers.method import Method
+from trainers.method import Method, check_data_shape
 
 ENTITIES = ("token", "cell", "subsample", "scale", "image")
 SAMPLERS = ("euler_maruyama", "euler", "heun")
@@ -424,14 +424,7 @@ class XAR(Method):
             raise ValueError(f"config.sample.method={s.method!r}: must be one of {SAMPLERS}")
         if s.num_steps < 1:
             raise ValueError(f"config.sample.num_steps={s.num_steps}: must be >= 1")
-        if not config.data.latents and (m.input_size != config.data.image_size
-                                        or m.in_channels != config.data.channels):
-            raise ValueError(f"config.model.input_size={m.input_size}/in_channels={m.in_channels} must match "
-                             f"config.data.image_size={config.data.image_size}/channels={config.data.channels} "
-                             "when training on pixels")
-        if m.num_classes != config.data.num_classes:
-            raise ValueError(f"config.model.num_classes={m.num_classes} != config.data.num_classes="
-                             f"{config.data.num_classes}")
+        check_data_shape(config)
 
     def create_model(self, rngs: nnx.Rngs) -> XARNet:
         m = self.config.model

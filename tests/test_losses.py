@@ -12,9 +12,7 @@ from tokenizers import losses  # noqa: E402
 
 
 def _merge(module_fn, params, rest=None):
-    from tokenizers.kl_vae import _merge_params
-
-    return _merge_params(nnx.eval_shape(module_fn), params, rest)
+    return losses.merge_module(nnx.eval_shape(module_fn), params, rest)
 
 
 def test_reconstruction_losses():
@@ -139,3 +137,31 @@ def test_adaptive_weight_matches_ldm_autograd():
     jn = jax.grad(lambda w: jnp.abs(x @ w.T).sum())(w)
     jg = jax.grad(lambda w: -jnp.mean((x @ w.T) ** 2))(w)
     np.testing.assert_allclose(losses.adaptive_weight(jn, jg), expected, rtol=1e-5)
+
+
+def test_decoder_only_stage_updates_the_decoder_alone_and_discriminator_step_keeps_batch_stats():
+    import optax
+
+    params = {"encoder": {"w": jnp.ones((3,))}, "decoder": {"w": jnp.ones((3,))}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = optax.adamw(0.1, weight_decay=0.5)
+    for finetune, moved in ((False, {"encoder", "decoder"}), (True, {"decoder"})):
+        frozen = losses.decoder_only_frozen(grads, jnp.asarray(finetune))
+        new, _, masked = losses.masked_update(tx, grads, tx.init(params), params, frozen)
+        for key in params:
+            changed = not np.allclose(new[key]["w"], params[key]["w"])
+            assert changed == (key in moved), (finetune, key)
+            assert np.all(masked[key]["w"] == (1.0 if key in moved else 0.0))
+    ema = losses.ema_update(params, jax.tree.map(jnp.zeros_like, params), 0.9)
+    np.testing.assert_allclose(ema["decoder"]["w"], 0.9)
+
+    disc_abstract = nnx.eval_shape(lambda: losses.NLayerDiscriminator(3, 8, 1, rngs=nnx.Rngs(0)))
+    _, dp, ds = nnx.split(losses.NLayerDiscriminator(3, 8, 1, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    disc = {"params": nnx.to_pure_dict(dp), "batch_stats": nnx.to_pure_dict(ds)}
+    disc["opt_state"] = tx.init(disc["params"])
+    real = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    new, aux = losses.discriminator_update(tx, disc_abstract, disc, real, -real)
+    assert set(aux) == {"d_loss", "logits_real", "logits_fake"} and np.isfinite(float(aux["d_loss"]))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), new["batch_stats"], disc["batch_stats"]))
+    assert any(moved)  # the BatchNorm running statistics come back from the train-mode calls
+    assert jax.tree.structure(new["params"]) == jax.tree.structure(disc["params"])

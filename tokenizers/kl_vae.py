@@ -440,21 +440,10 @@ def _fixture_model(meta) -> AutoencoderKL:
         use_variational=top.get("use_variational", True), rngs=nnx.Rngs(0)))
 
 
-def _merge_params(abstract_model: nnx.Module, params: dict, rest: dict | None = None) -> nnx.Module:
-    """A module from an abstract one and pure dicts of its params (and non-param state)."""
-    graphdef, abstract, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    copy = lambda tree: jax.tree.map(lambda v: v, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))  # noqa: E731
-    state, other = copy(abstract), copy(abstract_rest)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    if rest is not None:
-        nnx.replace_by_pure_dict(other, jax.tree.map(jnp.asarray, rest))
-    return nnx.merge(graphdef, state, other)
-
-
 def fixture_check_kl16_vae(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
     abstract = _fixture_model(meta)
     expected = nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
-    model = _merge_params(abstract, params_from_ldm_state_dict(params, expected))
+    model = losses.merge_module(abstract, params_from_ldm_state_dict(params, expected))
     nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
     nhwc = lambda a: jnp.asarray(a).transpose(0, 2, 3, 1)  # noqa: E731
     moments = jax.jit(lambda x: model.encode(x))(nhwc(inputs["x"]))
@@ -572,7 +561,7 @@ class KLVAEMethod(Method):
         rec = losses.RECONSTRUCTION[lc.rec_loss](x, recon)
         metrics = {"rec_loss": jnp.mean(rec)}
         if lc.perceptual_weight > 0:
-            p = _merge_params(_lpips_model(), lpips_params)(jax.lax.stop_gradient(x), recon)
+            p = losses.merge_module(_lpips_model(), lpips_params)(jax.lax.stop_gradient(x), recon)
             rec = rec + lc.perceptual_weight * p[:, None, None, None]
             metrics["p_loss"] = jnp.mean(p)
         # LDM's logvar is a loss-module parameter left out of the optimizer, i.e. a constant.
@@ -607,9 +596,6 @@ class KLVAEMethod(Method):
 
         k_gen, k_disc = jax.random.split(rng)
         params, rest = self.model_def.init(k_gen)
-        disc = _discriminator(self.config, nnx.Rngs(k_disc))
-        _, disc_params, disc_stats = nnx.split(disc, nnx.Param, ...)
-        disc_params, disc_stats = nnx.to_pure_dict(disc_params), nnx.to_pure_dict(disc_stats)
         tx, _ = make_optimizer(self.config)
         lpips = self.lpips_params() if self.config.model.loss.perceptual_weight > 0 else {}
         zero = jnp.zeros((), jnp.float32)
@@ -617,7 +603,7 @@ class KLVAEMethod(Method):
             "step": jnp.zeros((), jnp.int32),
             "params": params, "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
             "rest": rest,
-            "disc": {"params": disc_params, "batch_stats": disc_stats, "opt_state": tx.init(disc_params)},
+            "disc": losses.discriminator_state(_discriminator(self.config, nnx.Rngs(k_disc)), tx),
             "lecam": {"real": zero, "fake": zero},
             "lpips": jax.tree.map(jnp.asarray, lpips),
         }
@@ -626,31 +612,17 @@ class KLVAEMethod(Method):
         """NamedShardings for ``init_train_state``'s pytree: params (and their EMA and optimizer
         moments) by their logical axis names; scalars and step counters replicated."""
         from trainers import sharding as sh
+        from trainers.train import opt_state_shardings
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-        _, dp, ds = nnx.split(self._disc_abstract(), nnx.Param, ...)
-        disc = nnx.to_pure_dict(sh.state_shardings(dp, mesh))
-        disc_stats = nnx.to_pure_dict(sh.state_shardings(ds, mesh))
         _, lp, _ = nnx.split(_lpips_model(), nnx.Param, ...)
         lpips = nnx.to_pure_dict(sh.state_shardings(lp, mesh)) if abstract_state["lpips"] else {}
-
-        def opt(abstract_opt, param_sh):
-            by_path = {_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
-
-            def one(path, leaf):  # optimizer moments mirror the params tree below some prefix
-                key = _path(path)
-                for i in range(len(key)):
-                    if key[i:] in by_path and np.ndim(leaf):
-                        return by_path[key[i:]]
-                return repl
-            return jax.tree_util.tree_map_with_path(one, abstract_opt)
-
         return {
-            "step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
+            "step": repl, "params": gen, "ema_params": gen,
+            "opt_state": opt_state_shardings(abstract_state["opt_state"], gen, repl),
             "rest": self.model_def.rest_shardings(mesh),
-            "disc": {"params": disc, "batch_stats": disc_stats,
-                     "opt_state": opt(abstract_state["disc"]["opt_state"], disc)},
+            "disc": losses.discriminator_shardings(self._disc_abstract(), abstract_state["disc"]["opt_state"], mesh),
             "lecam": {"real": repl, "fake": repl}, "lpips": lpips,
         }
 
@@ -676,7 +648,7 @@ class KLVAEMethod(Method):
         def forward(params):
             model = self.model_def.merge(params, state["rest"])
             nll_loss, kl, recon, metrics = self._nll_kl(model, x, eps, state["lpips"] or None)
-            disc = _merge_params(disc_abstract, state["disc"]["params"], state["disc"]["batch_stats"])
+            disc = losses.merge_module(disc_abstract, state["disc"]["params"], state["disc"]["batch_stats"])
             g_loss = losses.generator_loss(disc(recon, train=True), lc.gen_loss)
             return (nll_loss + lc.kl_weight * kl, g_loss), (recon, metrics)
 
@@ -701,7 +673,7 @@ class KLVAEMethod(Method):
         disc_loss_fn = losses.DISCRIMINATOR_LOSSES[lc.disc_loss]
 
         def d_objective(disc_params):
-            disc = _merge_params(disc_abstract, disc_params, state["disc"]["batch_stats"])
+            disc = losses.merge_module(disc_abstract, disc_params, state["disc"]["batch_stats"])
             logits_real = disc(x, train=True)  # separate calls: BatchNorm sees real and fake batches apart
             logits_fake = disc(recon, train=True)
             d_loss = disc_loss_fn(logits_real, logits_fake)
@@ -726,19 +698,6 @@ class KLVAEMethod(Method):
                      "disc": {"params": disc_params, "batch_stats": stats, "opt_state": d_opt_state},
                      "lecam": new_lecam}
         return new_state, metrics
-
-
-def _path(path) -> tuple[str, ...]:
-    out = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
-
 
 def _get(tree, path):
     for k in path:

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from trainers import sharding  # noqa: F401  (sets flax_always_shard_variable=False before any Param exists)
@@ -482,3 +483,84 @@ def lecam_regularization(logits_real, logits_fake, ema_real, ema_fake):
 
 def lecam_update(ema, logits, decay: float):
     return decay * ema + (1.0 - decay) * jnp.mean(logits)
+
+
+# ----------------------------------------------------------------------------
+# The pieces of a tokenizer's adversarial train step (shared by every GAN-trained tokenizer)
+# ----------------------------------------------------------------------------
+
+
+def merge_module(abstract_model: nnx.Module, params: dict, rest: dict | None = None) -> nnx.Module:
+    """A module from an abstract one (``nnx.eval_shape``) and pure dicts of its params and,
+    optionally, its non-param state (e.g. a discriminator's BatchNorm statistics)."""
+    graphdef, abstract, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    copy = lambda tree: jax.tree.map(lambda v: v, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))  # noqa: E731
+    state, other = copy(abstract), copy(abstract_rest)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    if rest is not None:
+        nnx.replace_by_pure_dict(other, jax.tree.map(jnp.asarray, rest))
+    return nnx.merge(graphdef, state, other)
+
+
+def non_param_state(module: nnx.Module) -> dict:
+    """The pure dict of a module's non-param state (BatchNorm statistics after a train call)."""
+    return nnx.to_pure_dict(nnx.split(module, nnx.Param, ...)[2])
+
+
+def decoder_only_frozen(params: dict, finetune, trainable: str = "decoder"):
+    """The decoder-only fine-tuning stage as a mask: a tree of bools over ``params`` (a dict keyed
+    by submodule), True (frozen) for every leaf outside ``params[trainable]`` while ``finetune``."""
+    finetune = jnp.asarray(finetune)
+    return {key: jax.tree.map(lambda _: finetune & (key != trainable), v) for key, v in params.items()}
+
+
+def masked_update(tx, grads, opt_state, params, frozen):
+    """One optimizer step that leaves ``frozen`` leaves untouched (no gradient, no weight decay,
+    no update; the mask may be traced). Returns (params, opt_state, masked grads)."""
+    grads = jax.tree.map(lambda g, f: jnp.where(f, 0.0, g), grads, frozen)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new = optax.apply_updates(params, updates)
+    new = jax.tree.map(lambda n, o, f: jnp.where(f, o, n), new, params, frozen)
+    return new, opt_state, grads
+
+
+def ema_update(ema, params, rate):
+    return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
+
+
+def discriminator_update(tx, abstract_disc: nnx.Module, disc: dict, real, fake, loss_fn=hinge_d_loss,
+                         scale=1.0):
+    """One discriminator step on real images and (gradient-stopped) reconstructions, each batch
+    through its own call so BatchNorm sees them apart. ``disc``: {params, batch_stats, opt_state}.
+    Minimises ``scale * loss_fn(D(real), D(fake))``; returns the new ``disc`` and
+    {d_loss, logits_real, logits_fake} (mean logits)."""
+    fake = jax.lax.stop_gradient(fake)
+
+    def objective(dparams):
+        model = merge_module(abstract_disc, dparams, disc["batch_stats"])
+        logits_real, logits_fake = model(real, train=True), model(fake, train=True)
+        d = loss_fn(logits_real, logits_fake)
+        return scale * d, (d, non_param_state(model), logits_real, logits_fake)
+
+    (_, (d_loss, stats, lr_, lf_)), grads = jax.value_and_grad(objective, has_aux=True)(disc["params"])
+    updates, opt_state = tx.update(grads, disc["opt_state"], disc["params"])
+    new = {"params": optax.apply_updates(disc["params"], updates), "batch_stats": stats, "opt_state": opt_state}
+    return new, {"d_loss": d_loss, "logits_real": jnp.mean(lr_), "logits_fake": jnp.mean(lf_)}
+
+
+def discriminator_state(disc: nnx.Module, tx) -> dict:
+    """A discriminator's train state: {params, batch_stats, opt_state} (pure dicts)."""
+    _, params, stats = nnx.split(disc, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    return {"params": params, "batch_stats": nnx.to_pure_dict(stats), "opt_state": tx.init(params)}
+
+
+def discriminator_shardings(abstract_disc: nnx.Module, abstract_opt_state, mesh) -> dict:
+    """The shardings of ``discriminator_state``: params and BatchNorm statistics by their logical
+    axis names, the optimizer moments as their params."""
+    from trainers.train import opt_state_shardings
+
+    _, params, stats = nnx.split(abstract_disc, nnx.Param, ...)
+    params = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
+    return {"params": params, "batch_stats": nnx.to_pure_dict(sharding.state_shardings(stats, mesh)),
+            "opt_state": opt_state_shardings(abstract_opt_state, params, sharding.replicated(mesh))}

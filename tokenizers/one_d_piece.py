@@ -42,7 +42,7 @@ from flax import nnx
 
 from models import layers
 from models.pretrained import regex_rename, torch_to_params
-from tokenizers import maskgit_vqgan, quantizers, vit
+from tokenizers import losses, maskgit_vqgan, quantizers, vit
 from trainers.method import Method, ModelDef
 
 # Upstream's literal size tables (TiTokEncoder/TiTokDecoder): width, depth, heads.
@@ -545,8 +545,6 @@ class OneDPieceMethod(Method):
 
     def _discriminator(self, rngs):
         lc = self.config.model.loss
-        from tokenizers import losses
-
         return losses.MaskGITDiscriminator(self.kwargs["in_channels"], int(lc.disc_hidden), int(lc.disc_stages),
                                            rngs=rngs)
 
@@ -569,15 +567,11 @@ class OneDPieceMethod(Method):
 
     def train_state_shardings(self, abstract_state, mesh):
         from trainers import sharding as sh
-        from trainers.train import _suffix_sharding
+        from trainers.train import opt_state_shardings
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-
-        def opt(abstract_opt, param_sh):
-            by_path = {tuple(_path_names(p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
-            return jax.tree_util.tree_map_with_path(
-                lambda p, leaf: _suffix_sharding(p, by_path, repl) if np.ndim(leaf) else repl, abstract_opt)
+        opt = lambda abstract_opt, param_sh: opt_state_shardings(abstract_opt, param_sh, repl)  # noqa: E731
 
         out = {"step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
                "rest": self.model_def.rest_shardings(mesh)}
@@ -642,7 +636,7 @@ class OneDPieceMethod(Method):
                     p = convnext.perceptual_logits_loss(convnext.merge(state["convnext"]), recon, x)
                     loss = loss + float(lc.perceptual_weight) * p
                     out["perceptual_loss"] = p
-                disc = _merge_disc(disc_abstract, state["disc"]["params"])
+                disc = losses.merge_module(disc_abstract, state["disc"]["params"])
                 g = -jnp.mean(disc(recon))
                 loss = loss + float(lc.discriminator_weight) * factor * g
                 out.update(gan_loss=g, discriminator_factor=factor)
@@ -653,10 +647,8 @@ class OneDPieceMethod(Method):
             lecam = state["lecam"]
 
             def d_objective(dparams):
-                disc = _merge_disc(disc_abstract, dparams)
+                disc = losses.merge_module(disc_abstract, dparams)
                 real, fake = disc(x), disc(recon)
-                from tokenizers import losses
-
                 d = losses.hinge_d_loss(real, fake)
                 reg = losses.lecam_regularization(jnp.mean(real), jnp.mean(fake), lecam["real"], lecam["fake"])
                 return float(lc.discriminator_factor) * d + float(lc.lecam_weight) * reg, (d, reg, real, fake)
@@ -675,18 +667,9 @@ class OneDPieceMethod(Method):
             aux.update(d_loss=d_loss, d_total=d_total, lecam_loss=reg, logits_real=jnp.mean(real),
                        logits_fake=jnp.mean(fake))
 
-        grads = jax.tree.map(lambda g, f: jnp.where(f, 0.0, g), grads, frozen)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params = jax.tree.map(lambda new_p, old_p, f: jnp.where(f, old_p, new_p), params, state["params"], frozen)
+        params, opt_state, grads = losses.masked_update(tx, grads, state["opt_state"], state["params"], frozen)
         rate = ema_decay(step, float(self.config.ema_rate), bool(m.ema_warmup))
-        ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state["ema_params"], params)
+        ema = losses.ema_update(state["ema_params"], params, rate)
         metrics.update(aux, loss=loss, grad_norm=optax.global_norm(grads), ema_decay=rate)
         return {**state, **new, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state}, metrics
 
-
-def _merge_disc(abstract, params):
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state, rest)

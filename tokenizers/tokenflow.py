@@ -36,7 +36,7 @@ from flax import nnx
 from eval.resize import torch_area, torch_bicubic
 from models import layers
 from models.pretrained import regex_rename, torch_to_params
-from tokenizers import quantizers, vit
+from tokenizers import losses, quantizers, vit
 from tokenizers.kl_vae import AttnBlock, Downsample, ResnetBlock, Upsample, conv, group_norm
 
 GROUPS = 32  # LlamaGen Normalize(): GroupNorm(32, eps 1e-6)
@@ -555,14 +555,12 @@ class TokenFlowMethod(Method):
 
     def lpips_params(self):
         if "lpips" not in self._frozen:
-            from tokenizers import losses
 
             lc = self.config.model.loss
             self._frozen["lpips"] = losses.load_lpips_params(lc.vgg_path, lc.get("lpips_lin_path", ""))
         return self._frozen["lpips"]
 
     def _discriminator(self, rngs):
-        from tokenizers import losses
 
         lc = self.config.model.loss
         return losses.NLayerDiscriminator(in_channels=self.kwargs["in_channels"], ndf=int(lc.disc_ndf),
@@ -574,39 +572,28 @@ class TokenFlowMethod(Method):
         k_gen, k_disc = jax.random.split(rng)
         params, rest = self.model_def.init(k_gen)
         tx, _ = make_optimizer(self.config)
-        _, dp, ds = nnx.split(self._discriminator(nnx.Rngs(k_disc)), nnx.Param, ...)
-        dp, ds = nnx.to_pure_dict(dp), nnx.to_pure_dict(ds)
         lp = self.lpips_params() if float(self.config.model.loss.perceptual_weight) > 0 else {}
         return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": jax.tree.map(jnp.copy, params),
                 "opt_state": tx.init(params), "rest": rest,
-                "disc": {"params": dp, "batch_stats": ds, "opt_state": tx.init(dp)},
+                "disc": losses.discriminator_state(self._discriminator(nnx.Rngs(k_disc)), tx),
                 "teacher": jax.tree.map(jnp.copy, params["encoder_vqkd"]),
                 "lpips": jax.tree.map(jnp.asarray, lp)}
 
     def train_state_shardings(self, abstract_state, mesh):
         from trainers import sharding as sh
-        from trainers.train import _key_str, _suffix_sharding
+        from trainers.train import opt_state_shardings
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-        names = lambda path: [_key_str(k) for k in path]  # noqa: E731
-
-        def opt(abstract_opt, param_sh):
-            by_path = {tuple(names(p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
-            return jax.tree_util.tree_map_with_path(
-                lambda p, leaf: _suffix_sharding(p, by_path, repl) if np.ndim(leaf) else repl, abstract_opt)
-
-        _, dp, ds = nnx.split(nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0))), nnx.Param, ...)
-        disc = nnx.to_pure_dict(sh.state_shardings(dp, mesh))
-        return {"step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
-                "rest": self.model_def.rest_shardings(mesh),
-                "disc": {"params": disc, "batch_stats": nnx.to_pure_dict(sh.state_shardings(ds, mesh)),
-                         "opt_state": opt(abstract_state["disc"]["opt_state"], disc)},
+        disc = losses.discriminator_shardings(nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0))),
+                                              abstract_state["disc"]["opt_state"], mesh)
+        return {"step": repl, "params": gen, "ema_params": gen,
+                "opt_state": opt_state_shardings(abstract_state["opt_state"], gen, repl),
+                "rest": self.model_def.rest_shardings(mesh), "disc": disc,
                 "teacher": gen["encoder_vqkd"],
                 "lpips": jax.tree.map(lambda _: repl, abstract_state["lpips"])}
 
     def train_step(self, state, batch, rng):
-        from tokenizers import losses
         from trainers.optim import make_optimizer
 
         m, lc = self.config.model, self.config.model.loss
@@ -618,14 +605,6 @@ class TokenFlowMethod(Method):
         gan_factor = losses.adopt_weight(1.0, step, int(lc.disc_start))
         keep = scale_keep(rng, len(self.kwargs["scales"]), float(m.scale_drop_prob))
         disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
-
-        def disc_merge(params, stats):
-            g, s, r = nnx.split(disc_abstract, nnx.Param, ...)
-            s = jax.tree.map(lambda v: v, s, is_leaf=lambda v: isinstance(v, nnx.Variable))
-            r = jax.tree.map(lambda v: v, r, is_leaf=lambda v: isinstance(v, nnx.Variable))
-            nnx.replace_by_pure_dict(s, params)
-            nnx.replace_by_pure_dict(r, stats)
-            return nnx.merge(g, s, r)
 
         teacher = _merge(lambda: SemanticEncoder(**_teacher_kwargs(self.kwargs), rngs=nnx.Rngs(0)), state["teacher"])
         target = jax.lax.stop_gradient(teacher(x))
@@ -644,7 +623,7 @@ class TokenFlowMethod(Method):
                 p = jnp.mean(_merge_lpips(state["lpips"])(x, recon))
                 loss = loss + float(lc.perceptual_weight) * p
                 out["perceptual_loss"] = p
-            disc = disc_merge(state["disc"]["params"], state["disc"]["batch_stats"])
+            disc = losses.merge_module(disc_abstract, state["disc"]["params"], state["disc"]["batch_stats"])
             g_loss = losses.generator_loss(disc(recon, train=True), "hinge")
             loss = loss + float(lc.disc_weight) * gan_factor * g_loss
             usage = quantizers.code_usage(enc["indices"], model.quantize.codebook_size)
@@ -652,31 +631,15 @@ class TokenFlowMethod(Method):
             return loss, (out, recon)
 
         (loss, (aux, recon)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        frozen = {key: jax.tree.map(lambda _: key != "decoder", v) for key, v in grads.items()}
-        grads = jax.tree.map(lambda g, f: jnp.where(finetune & f, 0.0, g), grads, frozen)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params = jax.tree.map(lambda new, old, f: jnp.where(finetune & f, old, new), params, state["params"], frozen)
-        rate = float(self.config.ema_rate)
-        ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state["ema_params"], params)
-        recon = jax.lax.stop_gradient(recon)
-
-        def d_objective(dparams):
-            disc = disc_merge(dparams, state["disc"]["batch_stats"])
-            real, fake = disc(x, train=True), disc(recon, train=True)
-            d = losses.hinge_d_loss(real, fake)
-            stats = nnx.to_pure_dict(nnx.split(disc, nnx.Param, ...)[2])
-            return float(lc.disc_weight) * gan_factor * d, (d, stats, real, fake)
-
-        (_, (d_loss, stats, real, fake)), d_grads = jax.value_and_grad(d_objective, has_aux=True)(
-            state["disc"]["params"])
-        d_updates, d_opt = tx.update(d_grads, state["disc"]["opt_state"], state["disc"]["params"])
-        d_params = optax.apply_updates(state["disc"]["params"], d_updates)
-        aux.update(loss=loss, d_loss=d_loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake),
-                   gan_factor=gan_factor, decoder_finetune=finetune.astype(jnp.float32),
+        frozen = losses.decoder_only_frozen(grads, finetune)
+        params, opt_state, grads = losses.masked_update(tx, grads, state["opt_state"], state["params"], frozen)
+        ema = losses.ema_update(state["ema_params"], params, float(self.config.ema_rate))
+        disc, d_aux = losses.discriminator_update(tx, disc_abstract, state["disc"], x, recon,
+                                                  scale=float(lc.disc_weight) * gan_factor)
+        aux.update(d_aux, loss=loss, gan_factor=gan_factor, decoder_finetune=finetune.astype(jnp.float32),
                    kept_scales=jnp.sum(keep), grad_norm=optax.global_norm(grads), lr=schedule(step))
         return {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state,
-                "disc": {"params": d_params, "batch_stats": stats, "opt_state": d_opt}}, aux
+                "disc": disc}, aux
 
 
 # ----------------------------------------------------------------------------
@@ -759,7 +722,6 @@ _LPIPS_ABSTRACT: list = []
 
 
 def _merge_lpips(params):
-    from tokenizers import losses
 
     if not _LPIPS_ABSTRACT:
         _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))

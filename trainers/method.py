@@ -62,6 +62,17 @@ def get_method(config) -> "Method":
     return cls(config)
 
 
+def check_data_shape(config) -> None:
+    """A class-conditional generator's model fields against its data: on pixels, the model's
+    input size and channels must be the images'; the class count always the data's."""
+    m, d = config.model, config.data
+    if not d.latents and (m.input_size != d.image_size or m.in_channels != d.channels):
+        raise ValueError(f"config.model.input_size={m.input_size}/in_channels={m.in_channels} must match "
+                         f"config.data.image_size={d.image_size}/channels={d.channels} when training on pixels")
+    if m.num_classes != d.num_classes:
+        raise ValueError(f"config.model.num_classes={m.num_classes} != config.data.num_classes={d.num_classes}")
+
+
 class Method(abc.ABC):
     """Base class: holds the config; subclasses define the network, loss and sampler."""
 

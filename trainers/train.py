@@ -68,17 +68,23 @@ def _key_str(k):
     return str(k)
 
 
+def opt_state_shardings(abstract_opt, param_shardings, default):
+    """Shardings of an optimizer state: each moment leaf takes the sharding of the parameter whose
+    path ends its own path (optax nests the params tree below its state tuples); scalars
+    (counts) and unmatched leaves get ``default``."""
+    by_path = {tuple(_key_str(k) for k in path): s
+               for path, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _suffix_sharding(path, by_path, default) if np.ndim(leaf) else default, abstract_opt)
+
+
 def state_shardings(abstract_state, model_def: ModelDef, mesh):
     """Shardings of the whole train state: params (and EMA, and the optimizer moments, matched by
     parameter path) as the logical-axis rules say; scalars replicated."""
     param_sh = model_def.param_shardings(mesh)
     rest_sh = model_def.rest_shardings(mesh)
-    by_path = {tuple(_key_str(k) for k in path): s
-               for path, s in jax.tree_util.tree_leaves_with_path(param_sh)}
     repl = sharding.replicated(mesh)
-    opt_sh = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _suffix_sharding(path, by_path, repl) if np.ndim(leaf) else repl,
-        abstract_state["opt_state"])
+    opt_sh = opt_state_shardings(abstract_state["opt_state"], param_sh, repl)
     return {"step": repl, "params": param_sh, "ema_params": param_sh, "opt_state": opt_sh, "rng": repl,
             "rest": rest_sh, "nonfinite_step": repl}
 
