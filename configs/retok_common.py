@@ -39,6 +39,7 @@ def get_config(encoder: str, decoder: str, arg: str | None) -> ml_collections.Co
     m.num_padding = 224  # Redundant Token Padding: copies of queries 32..255 (released code: N - 32)
     m.codebook_size, m.codebook_embed_dim, m.commitment_cost = 16384, 8, 0.25
     m.rot = True  # the rotation trick
+    m.entropy_loss_ratio = 0.0  # LlamaGen/GigaTok VQ entropy loss (released configs: 0)
     m.adaptive_gn, m.d2s_up = True, True
     m.unbiased_style_var = True  # torch.var in AdaptiveGroupNorm (unbiased, as released)
     m.distill_depth = 3  # ViT-decoder layer whose states are aligned (HSR)
@@ -92,14 +93,18 @@ def get_config(encoder: str, decoder: str, arg: str | None) -> ml_collections.Co
         m.distill_depth = 1
         m.hsr.weight = 0.0  # DINOv2 weights cannot be downloaded here: set weight and teacher_path for HSR
         m.loss.perceptual_weight = 0.0
-        m.loss.aux_loss_end = 200
-        m.loss.disc_start = 200
+        m.loss.aux_loss_end = 150
+        m.loss.disc_start = 150
         m.loss.disc_ndf = 16
         m.loss.disc_layers = 2
+        # A 512-code codebook on 64 + 56 tokens of 8x8-grid digits collapses to one or two codes within
+        # 100 steps without help (lr 1e-3, 3e-4 and upstream's 1e-4 alike): the demo turns on the VQ
+        # entropy loss of LlamaGen/GigaTok's quantizer (implementation choice; 0 in the released configs).
+        m.entropy_loss_ratio = 0.1
         c.batch_size = 32
-        c.num_steps = 600
-        m.decoder_finetune_start = 540
-        o.lr, o.min_lr = 1e-3, 1e-4
+        c.num_steps = 300
+        m.decoder_finetune_start = 270
+        o.lr, o.min_lr = 3e-4, 3e-5
         o.schedule = "warmup_cosine"
         o.warmup_steps = 20
         c.ema_rate = 0.99

@@ -111,7 +111,8 @@ def test_config_errors_name_the_field():
     from trainers.method import get_method
 
     for field, value, match in (("num_padding", 16, "num_padding"), ("num_latent_tokens", 24, "power of two"),
-                                ("min_tokens", 0, "min_tokens"), ("prefix_sampling", "token", "prefix_sampling")):
+                                ("min_tokens", 0, "min_tokens"), ("prefix_sampling", "token", "prefix_sampling"),
+                                ("entropy_loss_ratio", -0.1, "entropy_loss_ratio")):
         c = _config()
         c.model[field] = value
         with pytest.raises(ValueError, match=match):
@@ -181,6 +182,7 @@ def test_tokenizer_phases_and_the_gpt_on_its_cached_codes_train_in_the_one_loop(
     state = train.train_and_evaluate(c, str(tmp_path / "tok"))
     m = metrics(tmp_path / "tok")
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["semantic_loss"]) for r in m)
+    assert all(np.isfinite(r["entropy_loss"]) for r in m)  # the demo's VQ entropy term (entropy_loss_ratio)
     assert [r["gan_factor"] for r in m] == [0.0, 1.0, 1.0] and [r["decoder_finetune"] for r in m] == [0, 0, 1]
     assert m[2]["hsr_weight"] == 0.0 and all(4 <= r["kept_tokens"] <= 28 for r in m)
 

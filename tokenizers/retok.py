@@ -591,7 +591,8 @@ class ReTokMethod(Method):
     Per step: k ~ U{min_tokens .. N + M} (nested dropout over the *padded* sequence; per example or
     per batch), the decoder sees the first k quantised tokens (a key mask: static shapes). Generator
     loss (configs/vq/VQ_S*256.yaml + vq_loss.py): l2 + LPIPS + disc_weight x hinge G-loss (PatchGAN
-    with BatchNorm, from ``disc_start``) + VQ (codebook + beta x commitment) + feature reconstruction
+    with BatchNorm, from ``disc_start``) + VQ (codebook + beta x commitment, plus ``entropy_loss_ratio`` x
+    LlamaGen's codebook entropy loss, 0 in the released configs) + feature reconstruction
     MSE(sg(S), Ŝ) while step < ``aux_loss_end`` + HSR: w(k) x -cos(distill_mlp(decoder layer
     ``distill_depth``), DINOv2 patch tokens). From ``decoder_finetune_start`` only the CNN pixel
     decoder trains and HSR is off (upstream ``freeze_but_decoder_iter``).
@@ -637,6 +638,8 @@ class ReTokMethod(Method):
             raise ValueError(f"config.model.prefix_sampling={m.prefix_sampling!r}: one of {PREFIX_SAMPLING}")
         if m.hsr.schedule not in HSR_SCHEDULES:
             raise ValueError(f"config.model.hsr.schedule={m.hsr.schedule!r}: one of {HSR_SCHEDULES}")
+        if float(m.get("entropy_loss_ratio", 0.0)) < 0:
+            raise ValueError(f"config.model.entropy_loss_ratio={m.entropy_loss_ratio}: must be >= 0 (0 = off, released)")
         if float(m.hsr.weight) > 0:
             if not 1 <= int(m.distill_depth) <= int(m.decoder.depth):
                 raise ValueError(f"config.model.distill_depth={m.distill_depth}: HSR needs a decoder layer in "
@@ -787,13 +790,19 @@ class ReTokMethod(Method):
 
         def objective(params):
             model = self.model_def.merge(params, state["rest"])
-            z_q, info, s = model.encode(x)
+            s, h = model.encode_continuous(x)
+            z_q, info = model.quantize(h)
             rec_spatial, feat = model.decode_features(z_q, keep=keep, inner_feat=use_hsr)
             recon = model.decoder(rec_spatial)
             l2 = jnp.mean(jnp.square(x - recon))
             out = {"l2_loss": l2, "quantizer_loss": info["quantizer_loss"],
                    "commitment_loss": info["commitment_loss"], "codebook_loss": info["codebook_loss"]}
             loss = float(lc.l2_weight) * l2 + float(lc.vq_weight) * info["quantizer_loss"]
+            if float(m.get("entropy_loss_ratio", 0.0)) > 0:  # LlamaGen/GigaTok VQ entropy_loss_ratio (0 in the released configs)
+                d = model.quantize.distances(h)
+                ent = quantizers.entropy_loss(-d.reshape(-1, d.shape[-1]))
+                loss = loss + float(lc.vq_weight) * float(m.entropy_loss_ratio) * ent
+                out["entropy_loss"] = ent
             if float(lc.perceptual_weight) > 0:
                 p = jnp.mean(_merge_lpips(state["lpips"])(x, recon))
                 loss = loss + float(lc.perceptual_weight) * p
