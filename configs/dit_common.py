@@ -36,6 +36,8 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         name="dit", input_size=32, patch_size=patch, in_channels=4, hidden_size=width, depth=depth,
         num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
         objective=objective,  # "ddpm" (DiT) | "flow" (SiT); `convert import dit` needs ddpm, `sit` flow
+        # softmax attention: "auto" = cuDNN flash on GPU (bf16), Pallas splash on TPU, else "xla" (reference)
+        attention_impl="auto",
         remat=False))  # remat: recompute each block's activations in the backward pass
     # DiT's diffusion/__init__.py create_diffusion: linear betas over 1000 steps (objective "ddpm").
     c.diffusion = ml_collections.ConfigDict(dict(noise_schedule="linear", diffusion_steps=1000))

@@ -39,6 +39,7 @@ class DiTBlock(nnx.Module):
                                              kernel_init=layers.zeros, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        x = layers.grad_fusion_barrier(x)  # XLA:CPU: materialise the residual gradient (3x faster step)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
             self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
         x = x + gate_msa[:, None] * self.attn(layers.modulate(layers.layer_norm(x), shift_msa, scale_msa))
@@ -66,7 +67,9 @@ class DiT(nnx.Module):
     def __init__(self, *, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, remat: bool = False, rngs: nnx.Rngs,
-                 dtype=jnp.float32, attention: Callable | None = None):
+                 dtype=jnp.float32, attention: Callable | None = None, attention_impl: str = "xla"):
+        """``attention_impl``: the softmax-attention kernel of the default token mixer (layers.ATTENTION_IMPLS;
+        "xla" is the float32 reference); ignored when ``attention`` (LiT's mixers) is given."""
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         self.patch_size = patch_size
@@ -81,6 +84,8 @@ class DiT(nnx.Module):
         grid = input_size // patch_size
         # Fixed, not trained (upstream: nn.Parameter with requires_grad=False).
         self.pos_embed = nnx.Variable(jnp.asarray(layers.get_2d_sincos_pos_embed(hidden_size, grid))[None])
+        if attention is None:
+            attention = functools.partial(layers.Attention, attention_impl=attention_impl)
         self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, rngs=rngs, dtype=dtype,
                                          attention=attention) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rngs=rngs, dtype=dtype)
@@ -119,7 +124,7 @@ def build_network(model_config, rngs: nnx.Rngs, dtype=jnp.float32, attention: Ca
                depth=model_config.depth, num_heads=model_config.num_heads, mlp_ratio=model_config.mlp_ratio,
                class_dropout_prob=model_config.class_dropout_prob, num_classes=model_config.num_classes,
                learn_sigma=model_config.learn_sigma, remat=model_config.get("remat", False), rngs=rngs,
-               dtype=dtype, attention=attention)
+               dtype=dtype, attention=attention, attention_impl=model_config.get("attention_impl", "xla"))
 
 
 OBJECTIVES = ("ddpm", "flow")
@@ -167,6 +172,9 @@ class DiTMethod(Method):
         if m.hidden_size % m.num_heads:
             raise ValueError(f"config.model.hidden_size={m.hidden_size} is not divisible by "
                              f"config.model.num_heads={m.num_heads}")
+        if m.get("attention_impl", "xla") not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"config.model.attention_impl={m.attention_impl!r}: must be one of "
+                             f"{layers.ATTENTION_IMPLS}")
         objective = m.get("objective", "flow")
         if objective not in OBJECTIVES:
             raise ValueError(f"config.model.objective={objective!r}: must be one of {OBJECTIVES}")

@@ -100,6 +100,35 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
 
 
+def _materialise_on_cpu(g: jax.Array) -> jax.Array:
+    # A conditional's operand is a buffer: XLA cannot fuse (and so duplicate) the computation of ``g``
+    # into its consumers across it. Both branches return ``g`` (the first writes the NaN that its predicate
+    # has just read back into place); they differ only so that XLA does not fold the conditional away.
+    flat = g.reshape(-1)
+    return jax.lax.cond(jnp.isnan(flat[0]), lambda g: g.reshape(-1).at[0].set(jnp.nan).reshape(g.shape),
+                        lambda g: g, g)
+
+
+@jax.custom_vjp
+def grad_fusion_barrier(x: jax.Array) -> jax.Array:
+    """The identity, whose cotangent XLA:CPU must materialise (a no-op elsewhere and in the forward).
+
+    Put on a residual stream at each block's input: without it XLA:CPU's instruction fusion never
+    materialises the residual-stream gradient and duplicates its whole elementwise chain (the
+    layer-norm backward and adaLN gates of every later block) into each transposed weight-gradient
+    operand, O(depth^2) work (``benchmarks/train_step.py``). ``lax.optimization_barrier`` does not help
+    there (XLA:CPU expands it before fusion); a conditional's operand is a real buffer.
+    """
+    return x
+
+
+def _grad_fusion_barrier_bwd(_, g):
+    return (jax.lax.platform_dependent(g, cpu=_materialise_on_cpu, default=lambda g: g),)
+
+
+grad_fusion_barrier.defvjp(lambda x: (x, None), _grad_fusion_barrier_bwd)
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding [cos, sin] of (batch,) float times (DiT's TimestepEmbedder)."""
     half = dim // 2
