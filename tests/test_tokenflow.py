@@ -1,6 +1,8 @@
 """TokenFlow (tokenizers/tokenflow.py): the golden fixtures, the shared index (w = 0 -> the semantic
 argmin, huge w -> the pixel argmin), decode_code(encode(x).indices) = the forward decode, the random
-scale drop, config errors, and the tokenizer stages in the one loop on the embedded digits."""
+scale drop, config errors, the tokenizer stages in the one loop on the embedded digits, the real
+teachers (CLIP / ViTamin / SigLIP, tiny random-weight checkpoints in their published layouts) as
+frozen targets and student initialisations, stage chaining (init_from), and the released layouts."""
 
 import json
 
@@ -103,7 +105,7 @@ def test_tokenizer_stages_train_in_the_one_loop(tmp_path):
     c.model.vqkd.update(width=32, depth=1, heads=2)
     c.model.loss.update(disc_start=1, disc_ndf=8, disc_layers=1)
     c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 4, 3, 1, 3
-    c.num_grid_samples, c.sample_batch_size = 4, 4
+    c.num_grid_samples, c.sample_batch_size, c.eval.num_samples = 4, 4, 0
     config_validation.validate(c)
     state = train.train_and_evaluate(c, str(tmp_path / "tok"))
     m = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
@@ -160,43 +162,6 @@ def test_next_scale_mask_inputs_and_sampling():
     assert out.shape == (2, 14) and out.dtype == jnp.int32 and int(out.max()) < 16
 
 
-HF_CLIP = r"""
-import sys, numpy as np, torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
-torch.manual_seed(0)
-cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=16, patch_size=4, num_channels=3, hidden_act="quick_gelu")
-m = CLIPVisionModel(cfg).eval()
-g = torch.Generator().manual_seed(1)
-with torch.no_grad():
-    for p in m.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    h = m(pixel_values=x).last_hidden_state
-    vision = getattr(m, "vision_model", m)  # transformers 5 flattens CLIPVisionModel
-    out = vision.post_layernorm(h)[:, 1:]
-np.savez(sys.argv[1], x=x.numpy(), out=out.numpy(), **{"sd/" + k: v.numpy() for k, v in m.state_dict().items()})
-"""
-
-
-def test_clip_student_matches_transformers_clip_vision(tmp_path):
-    import subprocess
-    import sys
-
-    path = tmp_path / "clip.npz"
-    # The repo's `tokenizers` package shadows Hugging Face's: run transformers outside the repo root.
-    subprocess.run([sys.executable, "-c", HF_CLIP, str(path)], cwd=tmp_path, check=True,
-                   env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"})
-    ref = np.load(path)
-    hf = {k[3:]: ref[k] for k in ref.files if k.startswith("sd/")}
-    params = tokenflow.semantic_encoder_params(tokenflow.openai_clip_from_hf(hf), in_channels=3, width=32, depth=2,
-                                               heads=2, patch_size=4, grid=4)
-    enc = tokenflow._merge(lambda: tokenflow.SemanticEncoder(in_channels=3, width=32, depth=2, heads=2, patch_size=4,
-                                                             grid=4, rngs=nnx.Rngs(0)), params)
-    ours = np.asarray(enc(jnp.asarray(ref["x"]).transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(ours, ref["out"], atol=1e-4 * max(1.0, np.abs(ref["out"]).max()))
-
-
 def test_released_checkpoint_layout_imports_completely(golden):
     # Upstream names: the pixel fixture's CNN / decoder_vqkd / task-layer keys, plus a CLIP visual
     # ``encoder_vqkd`` (with ``proj``, dropped), ``encode_task_layer``, both codebooks and the usage
@@ -225,7 +190,8 @@ def test_released_checkpoint_layout_imports_completely(golden):
           "quantize.codebook_used": np.zeros(131072)}
     kwargs = dict(image_size=64, in_channels=3, patch_size=16, sem_width=w, sem_depth=1, sem_heads=2, ch=32,
                   ch_mult=(1, 2, 1, 1, 1), num_res_blocks=1, z_channels=32, dec_ch=32, dec_num_res_blocks=1,
-                  codebook_size=16, scales=(1, 2, 4), vqkd_width=64, vqkd_depth=3, vqkd_heads=4, teacher_dim=48)
+                  codebook_size=16, scales=(1, 2, 4), vqkd_width=64, vqkd_depth=3, vqkd_heads=4, teacher_dim=48,
+                  teacher="clipb_224")
     out = tokenflow.params_from_torch({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd}, kwargs)
     np.testing.assert_array_equal(out["encoder_vqkd"]["class_embedding"].reshape(-1), sem["class_embedding"])
     np.testing.assert_array_equal(out["quantize"]["pixel"]["embedding"], sd["quantize.embedding_vqgan.weight"])
@@ -234,3 +200,235 @@ def test_released_checkpoint_layout_imports_completely(golden):
     np.testing.assert_array_equal(bias[:64], params["decoder_vqkd.blocks.0.attn.q_bias"])
     model = tokenflow._merge(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)), out)
     assert model.encode(jnp.zeros((1, 64, 64, 3)))["indices"].shape == (1, 21)
+
+
+# ----------------------------------------------------------------------------
+# Real teachers: tiny random-weight checkpoints in the published layouts
+# ----------------------------------------------------------------------------
+
+
+def _randn(rng, *shape):
+    return (0.2 * rng.randn(*shape)).astype(np.float32)
+
+
+def _ln(sd, rng, name, w):
+    sd[f"{name}.weight"], sd[f"{name}.bias"] = 1.0 + _randn(rng, w), _randn(rng, w)
+
+
+def clip_state_dict(rng, w, depth, patch, grid, out_dim, prefix=""):
+    """OpenAI CLIP visual names (``visual.`` of ``ViT-B-16.pt``; TokenFlow's ``encoder_vqkd.``)."""
+    sd = {"conv1.weight": _randn(rng, w, 3, patch, patch), "class_embedding": _randn(rng, w),
+          "positional_embedding": _randn(rng, grid * grid + 1, w), "proj": _randn(rng, w, out_dim)}
+    _ln(sd, rng, "ln_pre", w)
+    _ln(sd, rng, "ln_post", w)
+    for i in range(depth):
+        b = f"transformer.resblocks.{i}."
+        _ln(sd, rng, b + "ln_1", w)
+        _ln(sd, rng, b + "ln_2", w)
+        sd.update({b + "attn.in_proj_weight": _randn(rng, 3 * w, w), b + "attn.in_proj_bias": _randn(rng, 3 * w),
+                   b + "attn.out_proj.weight": _randn(rng, w, w), b + "attn.out_proj.bias": _randn(rng, w),
+                   b + "mlp.c_fc.weight": _randn(rng, 4 * w, w), b + "mlp.c_fc.bias": _randn(rng, 4 * w),
+                   b + "mlp.c_proj.weight": _randn(rng, w, 4 * w), b + "mlp.c_proj.bias": _randn(rng, w)})
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def siglip_state_dict(rng, w, depth, mlp, patch, grid, prefix="vision_model."):
+    """transformers ``SiglipVisionModel`` names (4.x ``vision_model.``), with the pooling head."""
+    sd = {"embeddings.patch_embedding.weight": _randn(rng, w, 3, patch, patch),
+          "embeddings.patch_embedding.bias": _randn(rng, w),
+          "embeddings.position_embedding.weight": _randn(rng, grid * grid, w),
+          "head.probe": _randn(rng, 1, 1, w), "head.attention.in_proj_weight": _randn(rng, 3 * w, w),
+          "head.attention.in_proj_bias": _randn(rng, 3 * w), "head.attention.out_proj.weight": _randn(rng, w, w),
+          "head.attention.out_proj.bias": _randn(rng, w), "head.mlp.fc1.weight": _randn(rng, mlp, w),
+          "head.mlp.fc1.bias": _randn(rng, mlp), "head.mlp.fc2.weight": _randn(rng, w, mlp),
+          "head.mlp.fc2.bias": _randn(rng, w)}
+    _ln(sd, rng, "post_layernorm", w)
+    _ln(sd, rng, "head.layernorm", w)
+    for i in range(depth):
+        b = f"encoder.layers.{i}."
+        _ln(sd, rng, b + "layer_norm1", w)
+        _ln(sd, rng, b + "layer_norm2", w)
+        for x in "qkv":
+            sd[b + f"self_attn.{x}_proj.weight"], sd[b + f"self_attn.{x}_proj.bias"] = _randn(rng, w, w), _randn(rng, w)
+        sd.update({b + "self_attn.out_proj.weight": _randn(rng, w, w), b + "self_attn.out_proj.bias": _randn(rng, w),
+                   b + "mlp.fc1.weight": _randn(rng, mlp, w), b + "mlp.fc1.bias": _randn(rng, mlp),
+                   b + "mlp.fc2.weight": _randn(rng, w, mlp), b + "mlp.fc2.bias": _randn(rng, w)})
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def vitamin_state_dict(width, depth, heads):
+    """timm 1.0.31 ``vitamin_xlarge_256`` names, built by timm at a tiny size (random weights)."""
+    timm = pytest.importorskip("timm")
+    import torch
+    from timm.models.vitamin import VitCfg, VitConvCfg
+
+    torch.manual_seed(0)
+    cfg = VitCfg(embed_dim=(16, 32, width), depths=(2, 2, 1), stem_width=16,
+                 conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
+    model = timm.create_model("vitamin_xlarge_256", pretrained=False, embed_cfg=cfg, img_size=32, embed_dim=width,
+                              depth=depth, num_heads=heads, num_classes=width)
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def teacher_config(teacher, path, tmp_path):
+    """A tiny real-teacher config on the embedded digits (grey, repeated to the teacher's RGB)."""
+    from configs import tokenflow_clipb, tokenflow_siglip, tokenflow_vitamin
+
+    mod = {"clipb_224": tokenflow_clipb, "vitamin_xlarge_256": tokenflow_vitamin, "siglip_384": tokenflow_siglip}
+    c = mod[teacher].get_config("demo")
+    c.model.teacher, c.model.teacher_path = teacher, str(path)
+    c.data.cache_dir = str(tmp_path / "data")
+    m = c.model
+    m.update(ch=32, num_res_blocks=1, z_channels=32, codebook_size=32, scale_drop_prob=0.0)
+    m.vqkd.update(width=32, depth=1, heads=2)
+    m.loss.update(disc_start=0, disc_ndf=8, disc_layers=1)
+    if teacher == "clipb_224":  # 16 px, patch 4: a 4 x 4 grid; teacher target = tokens @ proj (24-d)
+        c.data.image_size, m.patch_size, m.ch_mult, m.scales, m.teacher_dim = 16, 4, (1, 1, 1), (1, 2, 4), 24
+        m.semantic = dict(width=32, depth=2, heads=2)
+    elif teacher == "vitamin_xlarge_256":  # 32 px, stride 16: a 2 x 2 grid
+        c.data.image_size, m.patch_size, m.ch_mult, m.scales, m.teacher_dim = 32, 16, (1, 1, 1, 1, 1), (1, 2), 32
+        m.semantic = dict(width=32, depth=1, heads=2, stem_width=16, stage_widths=(16, 32), stage_depths=(2, 2))
+    else:  # 12 px, patch 3: a 4 x 4 grid; the pixel branch at 16 px (as 432 for 384), resized back to 12
+        c.data.image_size, m.patch_size, m.ch_mult, m.scales, m.teacher_dim = 12, 3, (1, 1, 1), (1, 2, 4), 32
+        m.semantic = dict(width=32, depth=2, heads=2, mlp_dim=40)
+    c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 4, 2, 1, 2
+    c.num_grid_samples, c.sample_batch_size, c.eval.num_samples = 4, 4, 0
+    return c
+
+
+def write_teacher(teacher, tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.RandomState(0)
+    if teacher == "clipb_224":
+        import torch
+
+        path = tmp_path / "ViT-B-16.pt"
+        sd = clip_state_dict(rng, 32, 2, 4, 4, 24, prefix="visual.")
+        sd["text_projection"] = _randn(rng, 8, 24)
+        torch.save({k: torch.tensor(v) for k, v in sd.items()}, path)
+        return path, sd
+    if teacher == "vitamin_xlarge_256":
+        sd = vitamin_state_dict(32, 1, 2)
+    else:
+        sd = siglip_state_dict(rng, 32, 2, 40, 3, 4)
+        sd["logit_scale"] = np.zeros(1, np.float32)
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    return path, sd
+
+
+@pytest.mark.parametrize("teacher", ["clipb_224", "vitamin_xlarge_256", "siglip_384"])
+def test_real_teacher_is_the_target_and_the_student_init(teacher, tmp_path):
+    from tokenizers import losses
+    from trainers import config_validation
+    from trainers.method import get_method
+
+    path, sd = write_teacher(teacher, tmp_path)
+    c = teacher_config(teacher, path, tmp_path)
+    config_validation.validate(c)
+    method = get_method(c)
+    teacher_params, student = method.pretrained()["teacher"], method.pretrained()["student"]
+    params, _ = jax.jit(method.initial_params)(jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree.leaves(params["encoder_vqkd"]), jax.tree.leaves(student)):
+        np.testing.assert_array_equal(np.asarray(a), b)  # the student starts from the teacher's weights
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, c.data.image_size, c.data.image_size, 1), minval=-1, maxval=1)
+    model = method.model_def.merge(params)
+    student_only = nnx.eval_shape(lambda: tokenflow.semantic_encoder(
+        teacher, **{**tokenflow.teacher_kwargs(method.kwargs), "output_dim": None}, rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def run(x, teacher_params, student):
+        target = tokenflow.teacher_target(teacher, losses.merge_module(method.teacher_module(), teacher_params), x)
+        enc = model.encode(x)
+        tokens = losses.merge_module(student_only, student)(tokenflow.semantic_input(teacher, x))
+        return target, enc["semantic_features"], model.decode(enc["quant"])[1], tokens
+
+    target, sem_feat, image, tokens = run(x, teacher_params, student)
+    grid = c.data.image_size // c.model.patch_size
+    assert target.shape == sem_feat.shape == (2, grid * grid, c.model.teacher_dim) and image.shape == x.shape
+    if teacher == "clipb_224":  # the target: CLIP-normalised input, patch tokens @ visual.proj; the student: raw
+        assert "proj" in teacher_params and "proj" not in student
+        clip_in = jax.jit(lambda x: losses.merge_module(student_only, student)(tokenflow.clip.preprocess(x)))(x)
+        np.testing.assert_allclose(np.asarray(target), np.asarray(clip_in) @ sd["visual.proj"], atol=1e-4)
+        assert np.abs(np.asarray(clip_in) - np.asarray(tokens)).max() > 1e-3
+    else:  # ViTamin / SigLIP: the target is the teacher tower itself on the normalised input
+        np.testing.assert_allclose(np.asarray(target), np.asarray(tokens), atol=1e-4)
+    if teacher == "siglip_384":  # hidden_states[-2]: the last layer and the head are not loaded
+        assert len(teacher_params["blocks"]) == 1 and "head" not in teacher_params
+
+
+def test_teacher_config_errors_name_the_field(tmp_path):
+    from trainers import config_validation
+
+    c = teacher_config("siglip_384", tmp_path / "missing.safetensors", tmp_path)
+    with pytest.raises(ValueError, match="config.model.teacher_path"):
+        config_validation.validate(c)
+    c.model.teacher_path = ""
+    with pytest.raises(ValueError, match="config.model.teacher_path is empty.*siglip-so400m-patch14-384"):
+        config_validation.validate(c)
+    c = teacher_config("vitamin_xlarge_256", "", tmp_path)
+    c.model.loss.semantic_weight = 0.0
+    c.model.patch_size = 8
+    with pytest.raises(ValueError, match="config.model.patch_size"):
+        config_validation.validate(c)
+    from configs import tokenflow_clipb
+
+    c = tokenflow_clipb.get_config("demo,decoder")
+    with pytest.raises(ValueError, match="config.model.init_from"):
+        config_validation.validate(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["clipb_224", "vitamin_xlarge_256", "siglip_384"])
+def test_real_teacher_trains_and_the_decoder_stages_chain(teacher, tmp_path):
+    from trainers import config_validation, train
+
+    path, _ = write_teacher(teacher, tmp_path)
+    c = teacher_config(teacher, path, tmp_path)
+    config_validation.validate(c)
+    joint = train.train_and_evaluate(c, str(tmp_path / "joint"))
+    m = [json.loads(line) for line in (tmp_path / "joint" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and 0.0 < r["semantic_loss"] < 2.0 for r in m)
+    if teacher != "siglip_384":
+        return
+    # the enhanced-decoder fine-tune starts from the joint stage: all but the (new-shape) decoder carried over
+    e = teacher_config(teacher, path, tmp_path)
+    e.model.update(stage="decoder", enhanced_decoder=True, enhanced_ch=64, init_from=str(tmp_path / "joint"))
+    e.model.loss.disc_start = 0
+    e.num_steps, e.checkpoint_every = 1, 1
+    config_validation.validate(e)
+    from trainers.method import get_method
+
+    init, _ = get_method(e).initial_params(jax.random.PRNGKey(5))
+    for key in ("encoder_vqkd", "quantize", "encoder", "decoder_vqkd"):
+        for a, b in zip(jax.tree.leaves(init[key]), jax.tree.leaves(joint["params"][key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    enhanced = train.train_and_evaluate(e, str(tmp_path / "enhanced"))
+    r = json.loads((tmp_path / "enhanced" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert r["decoder_finetune"] == 1 and np.isfinite(r["loss"])
+    for key in ("encoder_vqkd", "quantize", "encoder"):  # frozen in the decoder stage
+        for a, b in zip(jax.tree.leaves(enhanced["params"][key]), jax.tree.leaves(joint["params"][key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_siglip_released_layout_imports_completely(golden):
+    # tokenflow_siglip_32k.pt: encoder_vqkd is a transformers 4 SiglipVisionModel (vision_model., all 27
+    # layers, post_layernorm, head); only the hidden_states[-2] tower is kept.
+    _, params, _, _, _ = convert.load_fixture(golden / "tokenflow_pixel.npz")
+    rng = np.random.RandomState(0)
+    sd = {**params, **siglip_state_dict(rng, 32, 3, 40, 16, 4, prefix="encoder_vqkd.vision_model."),
+          "encode_task_layer.0.weight": _randn(rng, 32, 32), "encode_task_layer.0.bias": _randn(rng, 32),
+          "encode_task_layer.2.weight": _randn(rng, 32, 32), "encode_task_layer.2.bias": _randn(rng, 32),
+          "quantize.embedding_vqkd.weight": _randn(rng, 16, 32), "quantize.embedding_vqgan.weight": _randn(rng, 16, 8),
+          "quantize.codebook_used": np.zeros(131072)}
+    kwargs = dict(image_size=64, in_channels=3, patch_size=16, sem_width=32, sem_depth=3, sem_heads=2, ch=32,
+                  ch_mult=(1, 2, 1, 1, 1), num_res_blocks=1, z_channels=32, dec_ch=32, dec_num_res_blocks=1,
+                  codebook_size=16, scales=(1, 2, 4), vqkd_width=64, vqkd_depth=3, vqkd_heads=4,
+                  teacher_dim=48, teacher="siglip_384", semantic_extra={"mlp_dim": 40})
+    out = tokenflow.params_from_torch({"ema": sd, "model": {}}, kwargs)
+    assert len(out["encoder_vqkd"]["blocks"]) == 2
+    np.testing.assert_array_equal(out["encoder_vqkd"]["position_embedding"],
+                                  sd["encoder_vqkd.vision_model.embeddings.position_embedding.weight"])
+    model = tokenflow._merge(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)), out)
+    assert model.decode_code(model.encode(jnp.zeros((1, 64, 64, 3)))["indices"])[1].shape == (1, 64, 64, 3)

@@ -18,6 +18,15 @@ and subtracts it (detached) from the residual. ``decode`` splits f into 32 + 8 c
 ``decoder_vqkd`` (patch-1 BEiT ViT) -> ``decode_task_layer`` gives teacher-space features (the
 semantic loss), ``post_quant_conv`` -> pixel ``decoder`` gives the image in [-1, 1].
 
+Teachers (``teacher``; the semantic encoder is the teacher's architecture, initialised from its
+weights, and the frozen teacher gives the semantic-loss target): ``clipb_224`` (OpenAI CLIP ViT-B/16,
+``models/pretrained/clip.py``; the student sees raw [-1, 1] pixels, the teacher CLIP-normalised ones,
+target = patch tokens @ ``visual.proj``), ``vitamin_xlarge_256`` (``models/pretrained/vitamin.py``,
+CLIP-normalised, target ``forward_features``), ``siglip_384`` (``models/pretrained/siglip.py``,
+SigLIP-normalised, target ``hidden_states[-2]``; the pixel branch runs at 16 x 27 = 432 px, bicubically
+resized from and back to 384), and ``student_init`` (the demo: a frozen copy of the student's own
+initialisation, on raw pixels).
+
 Layout: images NHWC in [-1, 1]; feature maps NHWC; indices (B, sum s^2) coarse-to-fine, row-major.
 
 Implementation choices (not fixed by the code): BEiT's separate ``q_bias``/``v_bias`` (k bias 0)
@@ -27,6 +36,8 @@ every score, so the softmax and every gradient but its own are unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +46,7 @@ from flax import nnx
 
 from eval.resize import torch_area, torch_bicubic
 from models import layers
-from models.pretrained import regex_rename, torch_to_params
+from models.pretrained import clip, regex_rename, siglip, torch_to_params, vitamin
 from tokenizers import losses, quantizers, vit
 from tokenizers.kl_vae import AttnBlock, Downsample, ResnetBlock, Upsample, conv, group_norm
 
@@ -145,17 +156,6 @@ class BeitBlock(nnx.Module):
         return x + self.mlp(self.norm2(x).astype(x.dtype))
 
 
-def interpolate_pos_embed(pos: jax.Array, grid: int) -> jax.Array:
-    """(1, 1 + g*g, E) -> (1, 1 + grid*grid, E): the patch part resized bicubically (torch kernel),
-    the cls row kept (BEiT/DINO ``interpolate_pos_encoding``)."""
-    g = int(round((pos.shape[1] - 1) ** 0.5))
-    if g == grid:
-        return pos
-    patch = pos[:, 1:].reshape(1, g, g, -1)
-    patch = torch_bicubic(patch, (grid, grid)).reshape(1, grid * grid, -1)
-    return jnp.concatenate([pos[:, :1], patch], axis=1)
-
-
 class SemanticDecoder(nnx.Module):
     """``decoder_vqkd``: (B, h, w, in_chans) -> patch tokens (B, h*w, E) after the mean-pool ``fc_norm``."""
 
@@ -171,7 +171,7 @@ class SemanticDecoder(nnx.Module):
         b, h, w, _ = x.shape
         t = self.patch_embed(x)
         cls = jnp.broadcast_to(self.cls_token[...].astype(t.dtype), (b, 1, t.shape[-1]))
-        t = jnp.concatenate([cls, t], axis=1) + interpolate_pos_embed(self.pos_embed[...], h).astype(t.dtype)
+        t = jnp.concatenate([cls, t], axis=1) + clip.interpolate_pos_embed(self.pos_embed[...], h).astype(t.dtype)
         for block in self.blocks:
             t = block(t)
         return self.fc_norm(t[:, 1:])
@@ -193,34 +193,52 @@ class TaskLayer(nnx.Module):
 # ----------------------------------------------------------------------------
 
 
-class SemanticEncoder(nnx.Module):
-    """``encoder_vqkd``: a CLIP-style ViT (class token, position table, ``ln_pre``, pre-LN blocks,
-    ``ln_post``) returning the patch tokens (B, g*g, width) (``return_patch_tokens=True``). The same
-    network, frozen, is the demo teacher (upstream initialises the student from the teacher). OpenAI
-    CLIP's QuickGELU by default; for clipb the student sees raw [-1, 1] pixels (no CLIP scaling layer,
-    as upstream: only the teacher in the loss is CLIP-normalised)."""
+TEACHERS = ("clipb_224", "vitamin_xlarge_256", "siglip_384", "student_init")
+TEACHER_WEIGHTS = {"clipb_224": clip.PUBLISHED, "vitamin_xlarge_256": vitamin.PUBLISHED, "siglip_384": siglip.PUBLISHED}
 
-    def __init__(self, *, in_channels: int, width: int, depth: int, heads: int, patch_size: int, grid: int,
-                 activation: str = "quick_gelu", rngs: nnx.Rngs, dtype=jnp.float32):
-        self.conv1 = vit.PatchEmbed(in_channels, width, patch_size, rngs=rngs, use_bias=False, dtype=dtype)
-        self.class_embedding = vit.learned_embedding(rngs, (1, 1, width), width**-0.5, (None, None, "embed"))
-        self.positional_embedding = vit.learned_embedding(rngs, (1, grid * grid + 1, width), width**-0.5,
-                                                          (None, "position", "embed"))
-        self.ln_pre = vit.layer_norm(width, rngs=rngs)
-        self.blocks = nnx.List([vit.ResidualAttentionBlock(width, heads, activation=activation, rngs=rngs, dtype=dtype)
-                                for _ in range(depth)])
-        self.ln_post = vit.layer_norm(width, rngs=rngs)
 
-    def __call__(self, x):
-        t = self.conv1(x)
-        b, n, w = t.shape
-        cls = jnp.broadcast_to(self.class_embedding[...].astype(t.dtype), (b, 1, w))
-        grid = int(round(n**0.5))
-        t = jnp.concatenate([cls, t], axis=1) + interpolate_pos_embed(self.positional_embedding[...], grid).astype(t.dtype)
-        t = self.ln_pre(t).astype(t.dtype)
-        for block in self.blocks:
-            t = block(t)
-        return self.ln_post(t[:, 1:])
+def semantic_encoder(teacher: str, *, in_channels: int, width: int, depth: int, heads: int, patch_size: int,
+                     grid: int, extra: dict | None = None, output_dim: int | None = None, rngs: nnx.Rngs,
+                     dtype=jnp.float32) -> nnx.Module:
+    """``encoder_vqkd`` in ``teacher``'s architecture: (B, H, W, C) -> (B, grid^2, width) patch tokens.
+    ``output_dim`` builds CLIP's ``visual.proj`` (the clipb teacher); ``extra``: SigLIP's ``mlp_dim``,
+    ViTamin's ``stem_width``/``stage_widths``/``stage_depths``. SigLIP is built as its
+    ``hidden_states[-2]`` tower (``depth - 1`` layers, no post-LN, no head), as upstream uses it."""
+    extra = dict(extra or {})
+    if teacher in ("clipb_224", "student_init"):
+        return clip.VisionTransformer(width=width, depth=depth, heads=heads, patch_size=patch_size, grid=grid,
+                                      in_channels=in_channels, output_dim=output_dim, rngs=rngs, dtype=dtype)
+    if teacher == "vitamin_xlarge_256":
+        return vitamin.ViTamin(width=width, depth=depth, heads=heads, in_channels=in_channels, **extra, rngs=rngs,
+                               dtype=dtype)
+    if teacher == "siglip_384":
+        return siglip.SiglipVision(**siglip.tokenflow_kwargs(width=width, depth=depth, heads=heads,
+                                                             patch_size=patch_size, grid=grid,
+                                                             in_channels=in_channels, **extra),
+                                   rngs=rngs, dtype=dtype)
+    raise ValueError(f"teacher {teacher!r}: one of {TEACHERS}")
+
+
+def semantic_input(teacher: str, x):
+    """The semantic encoder's input from [-1, 1] images: raw pixels for clipb (upstream's
+    ``scaling_layer`` is None there) and the demo, ``ScalingLayerForClip`` for ViTamin,
+    ``ScalingLayerForSigLip`` for SigLIP; a grey image is repeated to the teachers' three channels."""
+    if teacher == "student_init":
+        return x
+    if teacher == "clipb_224":
+        return x if x.shape[-1] == 3 else jnp.repeat(x, 3, axis=-1)
+    return clip.preprocess(x) if teacher == "vitamin_xlarge_256" else siglip.preprocess(x)
+
+
+def teacher_target(teacher: str, model: nnx.Module, x):
+    """The frozen teacher's regression target (``vq_loss.py`` ``get_regress_target``) from [-1, 1] images:
+    CLIP ``encode_image(scaled, return_all_tokens=True) @ visual.proj``; ViTamin ``forward_features``;
+    SigLIP ``hidden_states[-2]``; the demo's frozen student copy on the student's input."""
+    if teacher == "student_init":
+        return model(x)
+    if teacher == "clipb_224":
+        return model.project(model(clip.preprocess(x)))
+    return model(clip.preprocess(x) if teacher == "vitamin_xlarge_256" else siglip.preprocess(x))
 
 
 class TokenFlow(nnx.Module):
@@ -234,17 +252,21 @@ class TokenFlow(nnx.Module):
                  dec_num_res_blocks: int, codebook_size: int, semantic_code_dim: int = 32, pixel_code_dim: int = 8,
                  commitment_cost: float = 0.25, entropy_loss_ratio: float = 0.0, distance_weight: float = 1.0,
                  scales=(1, 2, 4), vqkd_width: int, vqkd_depth: int = 3, vqkd_heads: int, teacher_dim: int,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
-        self.grid = image_size // 2 ** (len(ch_mult) - 1)
-        if image_size // patch_size != self.grid:
-            raise ValueError(f"semantic grid image_size/patch_size={image_size // patch_size} != pixel grid "
-                             f"image_size/2^(len(ch_mult)-1)={self.grid}")
+                 teacher: str = "student_init", semantic_extra: dict | None = None, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
+        self.teacher, self.image_size = teacher, image_size
+        self.grid = image_size // patch_size
+        self.pixel_size = self.grid * 2 ** (len(ch_mult) - 1)  # siglip_384: 432, resized from/to 384
+        if self.pixel_size != image_size and teacher != "siglip_384":
+            raise ValueError(f"semantic grid image_size/patch_size={self.grid} != pixel grid "
+                             f"image_size/2^(len(ch_mult)-1)={image_size // 2 ** (len(ch_mult) - 1)}")
         if max(scales) != self.grid:
             raise ValueError(f"scales {tuple(scales)} must end at the grid {self.grid}")
         self.scales = tuple(int(s) for s in scales)
         self.split = (semantic_code_dim, pixel_code_dim)
-        self.encoder_vqkd = SemanticEncoder(in_channels=in_channels, width=sem_width, depth=sem_depth, heads=sem_heads,
-                                            patch_size=patch_size, grid=self.grid, rngs=rngs, dtype=dtype)
+        self.encoder_vqkd = semantic_encoder(teacher, in_channels=in_channels if teacher == "student_init" else 3,
+                                             width=sem_width, depth=sem_depth, heads=sem_heads, patch_size=patch_size,
+                                             grid=self.grid, extra=semantic_extra, rngs=rngs, dtype=dtype)
         self.encode_task_layer = TaskLayer(sem_width, semantic_code_dim, rngs=rngs, dtype=dtype)
         self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
                                in_channels=in_channels, rngs=rngs)
@@ -262,7 +284,10 @@ class TokenFlow(nnx.Module):
     def features(self, x):
         """h = concat(semantic 32-d, pixel 8-d) on the (B, g, g) grid, before quantization."""
         b = x.shape[0]
-        sem = self.encode_task_layer(self.encoder_vqkd(x)).reshape(b, self.grid, self.grid, -1)
+        sem = self.encode_task_layer(self.encoder_vqkd(semantic_input(self.teacher, x)))
+        sem = sem.reshape(b, self.grid, self.grid, -1)
+        if self.pixel_size != x.shape[1]:
+            x = torch_bicubic(x, (self.pixel_size, self.pixel_size))
         return jnp.concatenate([sem.astype(jnp.float32), self.quant_conv(self.encoder(x)).astype(jnp.float32)], -1)
 
     def encode(self, x, *, keep=None):
@@ -274,7 +299,10 @@ class TokenFlow(nnx.Module):
 
     def decode(self, f):
         sem = self.decode_task_layer(self.decoder_vqkd(f[..., :self.split[0]]))
-        return sem, self.decoder(self.post_quant_conv(f[..., self.split[0]:]))
+        image = self.decoder(self.post_quant_conv(f[..., self.split[0]:]))
+        if self.pixel_size != self.image_size:
+            image = torch_bicubic(image, (self.image_size, self.image_size))
+        return sem, image
 
     def decode_code(self, indices):
         return self.decode(quantizers.multiscale_decode_indices(self.quantize, indices, self.scales, self.grid,
@@ -453,13 +481,57 @@ def model_kwargs(config) -> dict:
                 pixel_code_dim=int(m.pixel_code_dim), commitment_cost=float(m.commitment_cost),
                 entropy_loss_ratio=float(m.entropy_loss_ratio), distance_weight=float(m.distance_weight),
                 scales=tuple(int(s) for s in m.scales), vqkd_width=int(m.vqkd.width), vqkd_depth=int(m.vqkd.depth),
-                vqkd_heads=int(m.vqkd.heads), teacher_dim=int(m.teacher_dim))
+                vqkd_heads=int(m.vqkd.heads), teacher_dim=int(m.teacher_dim), teacher=str(m.teacher),
+                semantic_extra=semantic_extra(m))
 
 
-def _teacher_kwargs(kwargs) -> dict:
-    return dict(in_channels=kwargs["in_channels"], width=kwargs["sem_width"], depth=kwargs["sem_depth"],
-                heads=kwargs["sem_heads"], patch_size=kwargs["patch_size"],
-                grid=kwargs["image_size"] // kwargs["patch_size"])
+SEMANTIC_EXTRA = {"siglip_384": ("mlp_dim",), "vitamin_xlarge_256": ("stem_width", "stage_widths", "stage_depths")}
+
+
+def semantic_extra(m) -> dict:
+    """The teacher architecture's own sizes from ``config.model.semantic`` (SigLIP's MLP width, ViTamin's
+    conv stages)."""
+    out = {}
+    for key in SEMANTIC_EXTRA.get(str(m.teacher), ()):
+        v = m.semantic[key]
+        out[key] = tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else int(v)
+    return out
+
+
+def teacher_kwargs(kwargs) -> dict:
+    """``semantic_encoder`` arguments of the frozen teacher (CLIP with its ``visual.proj`` to teacher_dim)."""
+    teacher = kwargs.get("teacher", "student_init")
+    return dict(in_channels=kwargs["in_channels"] if teacher == "student_init" else 3, width=kwargs["sem_width"],
+                depth=kwargs["sem_depth"], heads=kwargs["sem_heads"], patch_size=kwargs["patch_size"],
+                grid=kwargs["image_size"] // kwargs["patch_size"], extra=kwargs.get("semantic_extra") or {},
+                output_dim=kwargs["teacher_dim"] if teacher == "clipb_224" else None)
+
+
+def semantic_params_from_torch(kwargs, state_dict, *, teacher: bool = False, prefix: str = "") -> dict:
+    """Pure params of the semantic encoder (the student) or, with ``teacher=True``, of the frozen teacher
+    from a state_dict in the teacher's published layout (``prefix``: TokenFlow's ``encoder_vqkd.``). The
+    student has no CLIP ``proj``, no ViTamin head, and SigLIP's ``hidden_states[-2]`` layers only."""
+    name, tk = kwargs.get("teacher", "student_init"), teacher_kwargs(kwargs)
+    arch = {k: tk[k] for k in ("width", "depth", "heads", "in_channels")}
+    if name in ("clipb_224", "student_init"):
+        return clip.params_from_torch(state_dict, prefix=prefix, output_dim=tk["output_dim"] if teacher else None,
+                                      patch_size=tk["patch_size"], grid=tk["grid"], **arch)
+    if name == "vitamin_xlarge_256":
+        return vitamin.params_from_torch(state_dict, prefix=prefix, **arch, **tk["extra"])
+    return siglip.params_from_torch(state_dict, prefix=prefix, **siglip.tokenflow_kwargs(
+        patch_size=tk["patch_size"], grid=tk["grid"], **arch, **tk["extra"]))
+
+
+def load_teacher(kwargs, path, config_field: str = "config.model.teacher_path") -> tuple[dict, dict]:
+    """(frozen teacher params, student initialisation params) from the teacher's published checkpoint: the
+    same weights, as upstream (``clip.load`` / ``load_clip_vision``, timm ``create_model(pretrained=True)``,
+    ``SiglipVisionModel.from_pretrained``)."""
+    loaders = {"clipb_224": clip.load_state_dict, "vitamin_xlarge_256": vitamin.load_state_dict,
+               "siglip_384": siglip.load_state_dict}
+    if kwargs["teacher"] not in loaders:
+        raise ValueError(f"config.model.teacher={kwargs['teacher']!r} has no published checkpoint")
+    sd = loaders[kwargs["teacher"]](path, config_field)
+    return semantic_params_from_torch(kwargs, sd, teacher=True), semantic_params_from_torch(kwargs, sd)
 
 
 def semantic_loss(feat, target):
@@ -480,9 +552,12 @@ class TokenFlowMethod(Method):
     ``enhanced_decoder`` the decoder is the 256-channel, 4-res-block one (trained on the frozen rest
     when ``stage = "decoder"``). Random scale drop with ``scale_drop_prob`` in training.
 
-    The teacher: ``teacher = "student_init"`` (the demo) freezes a copy of the semantic encoder's
-    initial weights, which is what upstream's student starts from; CLIP/SigLIP/ViTamin teacher ports
-    are not part of this file.
+    The teacher (``teacher``, checkpoint ``teacher_path``): CLIP ViT-B/16, ViTamin-XL-256 or SigLIP
+    so400m, loaded frozen and as the student's initialisation; ``"student_init"`` (the demo) freezes a
+    copy of the semantic encoder's random initial weights. With ``semantic_weight`` 0 no teacher is
+    built. Stage chaining: ``init_from`` (a previous stage's workdir) starts this run from that stage's
+    raw params (upstream ``--vq-ckpt``, ``model``); a fresh discriminator and optimizer state (a choice:
+    upstream tries to load both).
     """
 
     kind = "tokenizer"
@@ -501,10 +576,15 @@ class TokenFlowMethod(Method):
         except (AttributeError, KeyError) as e:
             raise ValueError(f"config.model is missing a TokenFlow field: {e}") from e
         f = 2 ** (len(kw["ch_mult"]) - 1)
-        if kw["image_size"] % f or kw["image_size"] // f != kw["image_size"] // kw["patch_size"]:
+        if kw["image_size"] % kw["patch_size"]:
+            raise ValueError(f"config.data.image_size={kw['image_size']} is not a multiple of config.model.patch_size="
+                             f"{kw['patch_size']}")
+        # siglip_384: the pixel branch runs at grid * f (432 for 384), bicubically resized from and to the image
+        if kw["teacher"] != "siglip_384" and (kw["image_size"] % f or
+                                              kw["image_size"] // f != kw["image_size"] // kw["patch_size"]):
             raise ValueError(f"config.model.patch_size={kw['patch_size']} and ch_mult={kw['ch_mult']} must give the "
                              f"same grid for config.data.image_size={kw['image_size']}")
-        grid = kw["image_size"] // f
+        grid = kw["image_size"] // kw["patch_size"]
         scales = kw["scales"]
         if list(scales) != sorted(set(scales)) or scales[-1] != grid or scales[0] < 1:
             raise ValueError(f"config.model.scales={scales}: strictly increasing, ending at the grid {grid}")
@@ -512,18 +592,31 @@ class TokenFlowMethod(Method):
                 {kw["dec_ch"] * v for v in kw["ch_mult"]}:
             if w % GROUPS:
                 raise ValueError(f"config.model.ch/enhanced_ch/z_channels: width {w} is not a multiple of 32 (GroupNorm)")
-        if m.teacher == "student_init" and int(m.teacher_dim) != int(m.semantic.width):
+        if m.teacher not in TEACHERS:
+            raise ValueError(f"config.model.teacher={m.teacher!r}: one of {TEACHERS}")
+        if m.teacher != "clipb_224" and int(m.teacher_dim) != int(m.semantic.width):
             raise ValueError(f"config.model.teacher_dim={m.teacher_dim} must equal config.model.semantic.width="
-                             f"{m.semantic.width} with the student_init teacher (its patch tokens are the target)")
+                             f"{m.semantic.width} with the {m.teacher} teacher (its tokens are the target)")
+        if m.teacher == "vitamin_xlarge_256" and kw["patch_size"] != 16:
+            raise ValueError(f"config.model.patch_size={kw['patch_size']}: ViTamin's conv stages have stride 16")
+        for key in SEMANTIC_EXTRA.get(m.teacher, ()):
+            if key not in m.semantic:
+                raise ValueError(f"config.model.semantic.{key} is missing (the {m.teacher} architecture)")
         if m.stage not in STAGES:
             raise ValueError(f"config.model.stage={m.stage!r}: one of {STAGES}")
-        if m.teacher != "student_init" and float(m.loss.semantic_weight) > 0:
-            raise ValueError(f"config.model.teacher={m.teacher!r}: the CLIP/SigLIP/ViTamin teacher ports are not in "
-                             "the zoo yet; train with config.model.teacher='student_init' (or semantic_weight=0, as "
-                             "the 'released' variant for importing/evaluating checkpoints)")
-        if m.teacher.startswith("siglip") or m.teacher.startswith("vitamin"):
-            raise ValueError(f"config.model.teacher={m.teacher!r}: the SigLIP/ViTamin student encoders are not ported "
-                             "(only the CLIP ViT-B/16 layout of clipb_224)")
+        if m.stage == "decoder" and not m.get("init_from", ""):
+            raise ValueError("config.model.init_from is empty: the decoder-only stage starts from the joint "
+                             "stage's workdir (upstream --vq-ckpt)")
+        path = m.get("teacher_path", "")
+        if m.teacher != "student_init" and float(m.loss.semantic_weight) > 0 and not path:
+            raise ValueError(f"config.model.teacher_path is empty: the {m.teacher} teacher (and the student's "
+                             f"initialisation) needs its checkpoint, {TEACHER_WEIGHTS[m.teacher]}; or train with "
+                             "semantic_weight=0 (the 'released' variant imports a trained tokenizer)")
+        if path and m.teacher == "student_init":
+            raise ValueError("config.model.teacher_path is set but config.model.teacher='student_init' loads none")
+        for field in ("teacher_path", "init_from"):
+            if m.get(field, "") and not Path(m[field]).exists():
+                raise ValueError(f"config.model.{field}={m[field]!r} does not exist")
         if not 0.0 <= float(m.scale_drop_prob) <= 1.0:
             raise ValueError(f"config.model.scale_drop_prob={m.scale_drop_prob}: a probability")
         if float(m.loss.perceptual_weight) > 0:
@@ -533,6 +626,51 @@ class TokenFlowMethod(Method):
 
     def create_model(self, rngs: nnx.Rngs) -> TokenFlow:
         return TokenFlow(**self.kwargs, rngs=rngs)
+
+    def pretrained(self) -> dict:
+        """Loaded once: ``teacher``/``student`` (config.model.teacher_path) and ``init_from`` (the previous
+        stage's raw params, upstream's ``--vq-ckpt`` ``model``), as numpy."""
+        if "pretrained" not in self._frozen:
+            m, out = self.config.model, {}
+            if m.get("teacher_path", ""):
+                out["teacher"], out["student"] = load_teacher(self.kwargs, m.teacher_path)
+            if m.get("init_from", ""):
+                from trainers import cache_latents, sharding
+
+                mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+                prev, params, _ = cache_latents.load_workdir_tokenizer(m.init_from, mesh, use_ema=False)
+                if prev.model.name != "tokenflow":
+                    raise ValueError(f"config.model.init_from={m.init_from!r} holds a {prev.model.name!r} run")
+                out["init_from"] = jax.tree.map(np.asarray, params)
+            self._frozen["pretrained"] = out
+        return self._frozen["pretrained"]
+
+    def initial_params(self, rng):
+        """Fresh params with the student initialised from the teacher checkpoint and, with ``init_from``,
+        every part of the previous stage (its pixel ``decoder`` only if it has this stage's shape: the
+        enhanced decoder starts from scratch on a plain-decoder stage, as upstream drops those keys)."""
+        params, rest = self.model_def.init(rng)
+        loaded = self.pretrained()
+        if "student" in loaded:
+            params["encoder_vqkd"] = loaded["student"]
+        if "init_from" in loaded:
+            prev = loaded["init_from"]
+            shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
+            for key in params:
+                if key == "decoder" and (key not in prev or shapes(prev[key]) != shapes(params[key])):
+                    continue
+                if key not in prev or shapes(prev[key]) != shapes(params[key]):
+                    raise ValueError(f"config.model.init_from={self.config.model.init_from!r}: its {key!r} does not "
+                                     "fit this config (only the pixel decoder may change between stages)")
+                params[key] = prev[key]
+        return jax.tree.map(jnp.asarray, params), rest
+
+    def teacher_module(self):
+        return nnx.eval_shape(lambda: semantic_encoder(self.kwargs["teacher"], **teacher_kwargs(self.kwargs),
+                                                        rngs=nnx.Rngs(0)))
+
+    def uses_teacher(self) -> bool:
+        return float(self.config.model.loss.semantic_weight) > 0
 
     @property
     def model_def(self) -> ModelDef:
@@ -570,14 +708,23 @@ class TokenFlowMethod(Method):
         from trainers.optim import make_optimizer
 
         k_gen, k_disc = jax.random.split(rng)
-        params, rest = self.model_def.init(k_gen)
+        params, rest = self.initial_params(k_gen)
         tx, _ = make_optimizer(self.config)
         lp = self.lpips_params() if float(self.config.model.loss.perceptual_weight) > 0 else {}
         return {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": jax.tree.map(jnp.copy, params),
                 "opt_state": tx.init(params), "rest": rest,
                 "disc": losses.discriminator_state(self._discriminator(nnx.Rngs(k_disc)), tx),
-                "teacher": jax.tree.map(jnp.copy, params["encoder_vqkd"]),
+                "teacher": self._teacher_params(params),
                 "lpips": jax.tree.map(jnp.asarray, lp)}
+
+    def _teacher_params(self, params) -> dict:
+        """The frozen teacher: the loaded checkpoint, or (``student_init``) a copy of the student's
+        initialisation; empty when no semantic loss is trained (``semantic_weight`` 0)."""
+        if not self.uses_teacher():
+            return {}
+        if self.kwargs["teacher"] == "student_init":
+            return jax.tree.map(jnp.copy, params["encoder_vqkd"])
+        return jax.tree.map(jnp.asarray, self.pretrained()["teacher"])
 
     def train_state_shardings(self, abstract_state, mesh):
         from trainers import sharding as sh
@@ -590,7 +737,8 @@ class TokenFlowMethod(Method):
         return {"step": repl, "params": gen, "ema_params": gen,
                 "opt_state": opt_state_shardings(abstract_state["opt_state"], gen, repl),
                 "rest": self.model_def.rest_shardings(mesh), "disc": disc,
-                "teacher": gen["encoder_vqkd"],
+                "teacher": (nnx.to_pure_dict(sh.state_shardings(nnx.split(self.teacher_module(), nnx.Param, ...)[1],
+                                                                mesh)) if self.uses_teacher() else {}),
                 "lpips": jax.tree.map(lambda _: repl, abstract_state["lpips"])}
 
     def train_step(self, state, batch, rng):
@@ -606,15 +754,17 @@ class TokenFlowMethod(Method):
         keep = scale_keep(rng, len(self.kwargs["scales"]), float(m.scale_drop_prob))
         disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
 
-        teacher = _merge(lambda: SemanticEncoder(**_teacher_kwargs(self.kwargs), rngs=nnx.Rngs(0)), state["teacher"])
-        target = jax.lax.stop_gradient(teacher(x))
+        target = None
+        if self.uses_teacher():
+            teacher = losses.merge_module(self.teacher_module(), state["teacher"])
+            target = jax.lax.stop_gradient(teacher_target(self.kwargs["teacher"], teacher, x))
 
         def objective(params):
             model = self.model_def.merge(params, state["rest"])
             enc = model.encode(x, keep=keep)
             sem_feat, recon = model.decode(enc["quant"])
             l2 = jnp.mean(jnp.square(x - recon))
-            sem = semantic_loss(sem_feat, target)
+            sem = semantic_loss(sem_feat, target) if target is not None else jnp.zeros((), jnp.float32)
             vq = enc["codebook_loss"] + enc["commitment_loss"] + enc["entropy_loss"]
             loss = float(lc.l2_weight) * l2 + vq + float(lc.semantic_weight) * sem
             out = {"l2_loss": l2, "semantic_loss": sem, "vq_loss": enc["codebook_loss"],
@@ -646,72 +796,30 @@ class TokenFlowMethod(Method):
 # Released checkpoints
 # ----------------------------------------------------------------------------
 
-RELEASED = "https://huggingface.co/ByteFlow-AI/TokenFlow (tokenflow_clipb_32k_enhanced.pt)"
-CLIP_RENAMES = [
-    (r"^encoder_vqkd\.conv1\.weight$", "encoder_vqkd.conv1.proj.weight"),
-    (r"^encoder_vqkd\.transformer\.resblocks\.", "encoder_vqkd.blocks."),
-    (r"\.attn\.in_proj_weight$", ".attn.qkv.weight"),
-    (r"\.attn\.in_proj_bias$", ".attn.qkv.bias"),
-    (r"\.attn\.out_proj\.", ".attn.proj."),
-    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
-    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
-]
+RELEASED = ("https://huggingface.co/ByteFlow-AI/TokenFlow (tokenflow_clipb_32k_enhanced.pt, "
+            "tokenflow_siglip_32k.pt)")
 
 
 def params_from_torch(state_dict, kwargs) -> dict:
-    """Pure params of :class:`TokenFlow` from upstream's state_dict (clipb layout: the vendored CLIP
-    visual tower without ``proj`` as ``encoder_vqkd``; an ``ema``/``model`` wrapper unwrapped, the
-    ``codebook_used`` buffer dropped)."""
+    """Pure params of :class:`TokenFlow` from upstream's state_dict (an ``ema``/``model`` wrapper unwrapped,
+    the ``codebook_used`` buffer dropped): ``encoder_vqkd`` in its teacher's layout (the vendored CLIP
+    visual tower without ``proj``; timm ViTamin without ``fc_norm``/``head``; transformers
+    ``SiglipVisionModel``, whose unused last layer, ``post_layernorm`` and ``head`` are dropped), the rest
+    in upstream's names."""
     sd = prepare_state_dict(state_dict)
-    for key in ("encoder_vqkd.class_embedding", "encoder_vqkd.positional_embedding"):
-        if key in sd:
-            sd[key] = sd[key].reshape((1, -1, sd[key].shape[-1]))
-    sd = {k: v for k, v in sd.items() if k != "encoder_vqkd.proj"}
-    rename = regex_rename(TORCH_RENAMES + CLIP_RENAMES)
     abstract = _abstract(lambda: TokenFlow(**kwargs, rngs=nnx.Rngs(0)))
-    return torch_to_params(sd, abstract, rename=rename, what="TokenFlow checkpoint")
-
-
-def openai_clip_from_hf(hf: dict) -> dict[str, np.ndarray]:
-    """A ``transformers`` ``CLIPVisionModel`` state_dict in OpenAI CLIP visual names (``conv1``,
-    ``class_embedding``, ``transformer.resblocks.i.attn.in_proj_weight``, ...; q/k/v fused)."""
-    sd, pre = {}, "vision_model."
-    hf = {k.removeprefix(pre): np.asarray(v) for k, v in hf.items()}
-    sd["conv1.weight"] = hf["embeddings.patch_embedding.weight"]
-    sd["class_embedding"] = hf["embeddings.class_embedding"]
-    sd["positional_embedding"] = hf["embeddings.position_embedding.weight"]
-    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        for p in ("weight", "bias"):
-            sd[f"{ours}.{p}"] = hf[f"{theirs}.{p}"]
-    n = len({k.split(".")[2] for k in hf if k.startswith("encoder.layers.")})
-    for i in range(n):
-        a, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for p in ("weight", "bias"):
-            sd[b + f"attn.in_proj_{p}"] = np.concatenate([hf[a + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
-            sd[b + f"attn.out_proj.{p}"] = hf[a + f"self_attn.out_proj.{p}"]
-            sd[b + f"ln_1.{p}"], sd[b + f"ln_2.{p}"] = hf[a + f"layer_norm1.{p}"], hf[a + f"layer_norm2.{p}"]
-            sd[b + f"mlp.c_fc.{p}"], sd[b + f"mlp.c_proj.{p}"] = hf[a + f"mlp.fc1.{p}"], hf[a + f"mlp.fc2.{p}"]
-    return sd
-
-
-def semantic_encoder_params(clip_visual: dict, **encoder_kwargs) -> dict:
-    """Pure params of :class:`SemanticEncoder` from an OpenAI CLIP visual state_dict (``proj`` dropped):
-    the CLIP ViT-B/16 teacher and the student initialisation (``load_clip_vision``)."""
-    sd = {f"encoder_vqkd.{k}": np.asarray(v) for k, v in clip_visual.items() if k != "proj"}
-    for key in ("encoder_vqkd.class_embedding", "encoder_vqkd.positional_embedding"):
-        sd[key] = sd[key].reshape((1, -1, sd[key].shape[-1]))
-
-    class _Holder(nnx.Module):
-        def __init__(self):
-            self.encoder_vqkd = SemanticEncoder(**encoder_kwargs, rngs=nnx.Rngs(0))
-
-    params = torch_to_params(sd, _abstract(_Holder), rename=regex_rename(CLIP_RENAMES), what="CLIP visual state_dict")
-    return params["encoder_vqkd"]
+    rest = {k: v for k, v in sd.items() if not k.startswith("encoder_vqkd.")}
+    out = torch_to_params(rest, {k: v for k, v in abstract.items() if k != "encoder_vqkd"}, rename=_rename,
+                          what="TokenFlow checkpoint")
+    out["encoder_vqkd"] = semantic_params_from_torch(kwargs, {k: v for k, v in sd.items() if k not in rest},
+                                                     prefix="encoder_vqkd.")
+    return out
 
 
 def import_tokenflow(state_dict, config) -> dict:
-    """The released ``tokenflow_clipb_32k_enhanced.pt`` (``{"model", "ema"?, ...}``; EMA preferred) for
-    ``configs/tokenflow_clipb.py:enhanced,released``."""
+    """The released ``tokenflow_clipb_32k_enhanced.pt`` (``configs/tokenflow_clipb.py:enhanced,released``)
+    or ``tokenflow_siglip_32k.pt`` (``configs/tokenflow_siglip.py:released``): ``{"model", "ema"?, ...}``,
+    the EMA preferred."""
     return params_from_torch(state_dict, model_kwargs(config))
 
 
