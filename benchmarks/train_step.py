@@ -1,6 +1,7 @@
 """DiT train-step efficiency: achieved model FLOP/s of the real train step / this machine's f32 matmul FLOP/s.
 
     python benchmarks/train_step.py                           # DiT-S (batch 8) and DiT-B (batch 4), 256 tokens
+    python benchmarks/train_step.py --models=S --barrier=off,on --steps=3      # before/after the fusion cure
     python benchmarks/train_step.py --models=S --batch_s=32 --steps=10
     python benchmarks/train_step.py --xla_flags=--xla_cpu_multi_thread_eigen=false   # try XLA CPU settings
 
@@ -34,43 +35,22 @@ larger of the two medians. The machine is shared (2 cores, other jobs), so matmu
 are interleaved (each round: a few matmuls, then one train step) so both see the same load, and medians
 are reported with the spread (min..max).
 
-What limits the ratio on XLA:CPU (jax 0.10.2, 2 shared cores; measured with this script, a profile of
-the gradient, and the optimized HLO): the forward pass runs near matmul speed (DiT-S/2, batch 8:
-~1.4 s for 97 GFLOP, ~70 GFLOP/s), AdamW + EMA cost ~0.08 s, but the backward is ~10x the forward
-instead of ~2x, and grows faster than linearly with depth (grad of 2/4/8/12 blocks: 0.65/2.6/7.6/15 s).
-The profile is dominated by ``copy_bitcast_fusion`` loop fusions: to feed each weight-gradient dot a
-transposed (D, B*T) operand, XLA's CPU instruction fusion duplicates the whole elementwise chain of the
-residual-stream gradient (adaLN modulate/gate, layer-norm backward of every later block) into each such
-copy and evaluates it in transposed (cache-hostile) order, so the elementwise work is O(depth^2). The
-matmuls themselves (YNNPACK fusions) run at about the matmul rate. A bigger batch does not help (both
-sides scale with B); this is a compiler/fusion effect of the model's backward, not of the benchmark, so
-the fix belongs in the model (e.g. an optimization barrier / checkpoint around each block's residual
-gradient) or in XLA, not here. ``--xla_flags`` lets one try XLA settings on the same step: with
-``--xla_flags=--xla_disable_hlo_passes=fusion`` the DiT-S/2 gradient took 9.4 s instead of 18.6 s in
-a side-by-side run (forward unchanged), i.e. the duplicated fusions cost at least half the step; the
-whole DiT-S/2 benchmark with that flag gave a 5.5 s step and ratio 0.38 (0.35..0.49 per round), against
-~23 s and 0.21 with the defaults (different load, so compare ratios, not times). Recomputing each
-block in the backward (``--remat=off,on``, the model's ``remat`` option) does not break the duplicated
-fusions: side by side, DiT-S/2 batch 8 gave ratio 0.21 without and 0.18 with remat.
-
-Bisect of the cure (DiT-S/2 depth 4, batch 8; optimized HLO read with a script that sums, over every
-loop fusion, elementwise ops x output elements): the biggest ``copy_bitcast_fusion`` (the transposed
-f32[384, 2048] operand of the block-0 attention-projection weight gradient) holds 297 instructions with 75
-operands, the outputs of the matmul fusions of *every* later block: neither the residual-stream forward
-values nor its gradient is ever materialised; each consumer recomputes the sum of all later blocks'
-contributions (the layer-norm statistics, ``x - mean``, the gate products). Tried, each leaves that
-fusion and the total elementwise work (3.0 G op-elements per step) unchanged: an identity with a
-``custom_vjp`` whose backward puts ``lax.optimization_barrier`` on the cotangent, at every Linear's
-input, at every Linear's output, at each block's residual input and mid-block (XLA:CPU expands
-optimization barriers before fusion, so none survives into the optimized HLO); dividing the residual
-cotangent by a data-dependent 1 (turned into a multiply and fused); ``--xla_cpu_use_multi_output_fusion``;
-an empty ``--xla_cpu_experimental_ynn_fusion_type``. Running the blocks as one ``lax.scan`` over their
-stacked parameters (the while loop materialises the residual and its cotangent at every block) cut the
-counted top-level work to 0.76 G op-elements per step, but the step was only ~6% faster in one
-side-by-side run on a machine with load average 25, which can not tell the two apart; the scan is not
-in the models. The norms in float32 (casts are no-ops in a float32 run), the sharding constraints (no-ops
-on one device) and the loss/optimizer (outside the backward chain; AdamW + EMA cost ~0.08 s) are not the
-trigger.
+What limited the ratio on XLA:CPU (jax 0.10.2, 2 shared cores), and the cure: the backward was ~10x the
+forward instead of ~2x and grew faster than linearly with depth. XLA:CPU's instruction fusion never
+materialised the residual-stream gradient: to feed each weight-gradient dot a transposed (D, B*T) operand
+(``copy_bitcast_fusion``) it duplicated the whole elementwise chain of that gradient (adaLN gates, the
+layer-norm backward of every later block) into each copy, O(depth^2) elementwise work (DiT-S/2: fusions of
+up to 895 instructions at depth 12; 3.0 G op-elements per step at depth 4). ``lax.optimization_barrier``
+does not stop it (XLA:CPU expands barriers before fusion; with ``--xla_disable_hlo_passes=cse_barrier_expander``
+it does), nor remat, nor ``--xla_cpu_use_multi_output_fusion``. The cure is ``layers.grad_fusion_barrier``
+at each DiT block's input: an identity whose tangent (and so, transposed, the cotangent) passes through a
+``lax.cond`` on XLA:CPU (a no-op on other backends); a conditional's operand is a real buffer, so the
+residual gradient is computed once per block. ``--barrier=off,on`` runs the step without (the barrier
+replaced by the identity) and with it side by side; the script also prints the process CPU seconds per
+step, which a loaded machine distorts less than wall time. Measured on this machine at load ~18: DiT-S/2
+batch 8, depth 12, whole train step 16.1 / 17.3 s of CPU without, 5.3 / 5.4 s with (two interleaved
+pairs); largest fusion 895 -> 269 instructions; compile 130 s -> 43 s. The numerics are unchanged (every golden fixture passes; the
+barrier is exactly the identity in value, tangent and cotangent).
 
 ``--torch on`` (default) times diffusers' ``DiTTransformer2DModel`` at the DiT-S/2 size (forward,
 backward, grad clip, AdamW, EMA; same batch) in a subprocess outside the repository, and prints our step
@@ -120,8 +100,22 @@ def _xla_flops(compiled) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def build(size: str, batch_size: int, remat: bool = False):
-    """(compiled train step, state, batch, config, n_params, xla_flops) as the loop builds them."""
+def build(size: str, batch_size: int, remat: bool = False, barrier: bool = True):
+    """(compiled train step, state, batch, config, n_params, xla_flops) as the loop builds them.
+    ``barrier=False``: the DiT blocks' ``layers.grad_fusion_barrier`` replaced by the identity (the step
+    as it was before the cure, for the side-by-side)."""
+    from models import layers
+
+    real_barrier = layers.grad_fusion_barrier
+    if not barrier:
+        layers.grad_fusion_barrier = lambda x: x
+    try:
+        return _build(size, batch_size, remat)
+    finally:
+        layers.grad_fusion_barrier = real_barrier
+
+
+def _build(size: str, batch_size: int, remat: bool):
     config = CONFIGS[size].get_config("p2")
     config.batch_size = batch_size
     config.model.remat = remat
@@ -172,8 +166,9 @@ def make_matmul(m: int, k: int, n: int):
     return run, 2.0 * m * k * n
 
 
-def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int, remat: bool = False) -> dict:
-    compiled, state, batch, config, n_params, xla_flops, compile_s = build(size, batch_size, remat)
+def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int, remat: bool = False,
+          barrier: bool = True) -> dict:
+    compiled, state, batch, config, n_params, xla_flops, compile_s = build(size, batch_size, remat, barrier)
     m = config.model
     tokens = (m.input_size // m.patch_size) ** 2
     model_flops = 3.0 * dit_forward_flops(m) * batch_size
@@ -185,14 +180,15 @@ def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int,
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
 
-    step_times, mm_rates = [], {name: [] for name in matmuls}
+    step_times, cpu_times, mm_rates = [], [], {name: [] for name in matmuls}
     for _ in range(steps):
         for name, (run, flops) in matmuls.items():
             mm_rates[name].extend(flops / run() for _ in range(matmul_reps))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         step_times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     for name, (run, flops) in matmuls.items():  # one more round after the last step: brackets every step
         mm_rates[name].extend(flops / run() for _ in range(matmul_reps))
     loss = float(metrics["loss"])
@@ -208,7 +204,8 @@ def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int,
     first = next(iter(mm_rates))
     per_round = [model_flops / t / max(np.median(mm_rates[n][i * matmul_reps:(i + 1) * matmul_reps])
                                        for n in mm_rates) for i, t in enumerate(step_times)]
-    return dict(model=f"DiT-{size}/2" + (" remat" if remat else ""), params=n_params, batch=batch_size, tokens=tokens, step=step,
+    return dict(model=f"DiT-{size}/2" + (" remat" if remat else "") + ("" if barrier else " nobarrier"),
+                cpu_step=float(np.median(cpu_times)), params=n_params, batch=batch_size, tokens=tokens, step=step,
                 step_min=float(step_times.min()), step_max=float(step_times.max()),
                 model_gflop=model_flops / 1e9, xla_gflop=xla_flops / 1e9, model_tflops=model_flops / step / 1e12,
                 xla_tflops=xla_flops / step / 1e12, mm=mm_medians, mm_spread={
@@ -248,12 +245,13 @@ def step():
     return float(loss)
 for _ in range(warmup):
     step()
-times = []
+times, cpu = [], []
 for _ in range(steps):
-    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-times.sort()
+    t0, c0 = time.perf_counter(), time.process_time(); step()
+    times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
+times.sort(); cpu.sort()
 print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "step": times[len(times) // 2],
-                  "threads": torch.get_num_threads()}))
+                  "cpu_step": cpu[len(cpu) // 2], "threads": torch.get_num_threads()}))
 """
 
 
@@ -372,9 +370,12 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="timed train steps (after warmup)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed train steps after compilation")
     parser.add_argument("--matmul_reps", type=int, default=3, help="matmul timings per shape per round")
-    parser.add_argument("--remat", default="off,on",
+    parser.add_argument("--remat", default="off",
                         help="model.remat variants to run side by side: off, on or off,on (recompute each "
                              "block in the backward; model FLOPs are counted without the recompute)")
+    parser.add_argument("--barrier", default="on",
+                        help="layers.grad_fusion_barrier in the DiT blocks: on, off or off,on (side by side; "
+                             "off = the step before the XLA:CPU fusion cure)")
     parser.add_argument("--xla_flags", default="",
                         help="extra XLA_FLAGS, applied before the backend starts (e.g. CPU threading flags)")
     parser.add_argument("--torch", default="on", choices=("on", "off"),
@@ -397,36 +398,39 @@ def main():
     rows = []
     variants = [{"off": False, "on": True}[v.strip()] for v in args.remat.split(",") if v.strip()]
     sizes = [s.strip().upper() for s in args.models.split(",") if s.strip()]
-    for size, remat in [(size, remat) for size in sizes for remat in variants]:
-        r = bench(size, batches[size], args.steps, args.warmup, args.matmul_reps, remat)
+    barriers = [{"off": False, "on": True}[v.strip()] for v in args.barrier.split(",") if v.strip()]
+    for size, remat, barrier in [(s, r, b) for s in sizes for r in variants for b in barriers]:
+        r = bench(size, batches[size], args.steps, args.warmup, args.matmul_reps, remat, barrier)
         rows.append(r)
         mm = ", ".join(f"{n}: {v / 1e9:.1f} GFLOP/s ({r['mm_spread'][n][0] / 1e9:.1f}..{r['mm_spread'][n][1] / 1e9:.1f})"
                        for n, v in r["mm"].items())
         print(f"{r['model']}: {r['params'] / 1e6:.1f}M params, {r['tokens']} tokens, batch {r['batch']}; "
               f"compile {r['compile_s']:.1f} s; loss {r['loss']:.3f}\n"
-              f"  step {r['step'] * 1e3:.0f} ms median ({r['step_min'] * 1e3:.0f}..{r['step_max'] * 1e3:.0f}); "
+              f"  step {r['step'] * 1e3:.0f} ms median ({r['step_min'] * 1e3:.0f}..{r['step_max'] * 1e3:.0f}), "
+              f"{r['cpu_step']:.2f} s process CPU time; "
               f"model {r['model_gflop']:.1f} GFLOP/step (analytic), XLA cost_analysis {r['xla_gflop']:.1f} GFLOP/step "
               f"-> {r['xla_tflops'] * 1e3:.1f} GFLOP/s\n"
               f"  matmul f32 median (min..max): {mm}\n"
               f"  ratio per round (min..max): {r['ratio_rounds'][0]:.2f}..{r['ratio_rounds'][1]:.2f}", flush=True)
 
     print()
-    header = f"{'model':<9} {'batch':>5} {'step ms':>9} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'ratio':>6}"
+    header = (f"{'model':<19} {'batch':>5} {'step ms':>9} {'CPU s':>6} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} "
+              f"{'ratio':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<9} {r['batch']:>5} {r['step'] * 1e3:>9.0f} {r['model_tflops']:>14.4f} "
+        print(f"{r['model']:<19} {r['batch']:>5} {r['step'] * 1e3:>9.0f} {r['cpu_step']:>6.2f} {r['model_tflops']:>14.4f} "
               f"{r['mm_tflops']:>15.4f} {r['ratio']:>6.2f}")
 
     if args.torch == "on" and "S" in sizes:
-        ours = next(r for r in rows if r["model"] == "DiT-S/2")
         ref = torch_dit_step(max(2, args.steps), args.warmup, args.batch_s)
-        if ref is not None:
-            print(f"\nDiT-S/2 batch {args.batch_s}: ours {ours['step'] * 1e3:.0f} ms ({ours['params'] / 1e6:.1f}M params) / "
-                  f"diffusers DiTTransformer2DModel {ref['step'] * 1e3:.0f} ms ({ref['params'] / 1e6:.1f}M params, "
-                  f"torch {ref['threads']} threads) = {ours['step'] / ref['step']:.2f} (target <= 0.8); "
-                  f"torch model FLOP/s {3.0 * dit_forward_flops(ours['config_model']) * args.batch_s / ref['step'] / 1e9:.1f} "
-                  f"GFLOP/s")
+        for ours in (r for r in rows if r["model"].startswith("DiT-S/2") and ref is not None):
+            print(f"\n{ours['model']} batch {args.batch_s}: ours {ours['step'] * 1e3:.0f} ms ({ours['params'] / 1e6:.1f}M "
+                  f"params) / diffusers DiTTransformer2DModel {ref['step'] * 1e3:.0f} ms ({ref['params'] / 1e6:.1f}M "
+                  f"params, torch {ref['threads']} threads) = {ours['step'] / ref['step']:.2f} (target <= 0.8); "
+                  f"process CPU time {ours['cpu_step']:.2f} s / {ref['cpu_step']:.2f} s = "
+                  f"{ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s "
+                  f"{3.0 * dit_forward_flops(ours['config_model']) * args.batch_s / ref['step'] / 1e9:.1f} GFLOP/s")
     if args.torch_ref:
         ref_dir = Path(args.torch_ref).resolve()
         if not (ref_dir / "models" / "xar.py").exists():

@@ -100,33 +100,37 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
 
 
-def _materialise_on_cpu(g: jax.Array) -> jax.Array:
-    # A conditional's operand is a buffer: XLA cannot fuse (and so duplicate) the computation of ``g``
-    # into its consumers across it. Both branches return ``g`` (the first writes the NaN that its predicate
-    # has just read back into place); they differ only so that XLA does not fold the conditional away.
-    flat = g.reshape(-1)
-    return jax.lax.cond(jnp.isnan(flat[0]), lambda g: g.reshape(-1).at[0].set(jnp.nan).reshape(g.shape),
-                        lambda g: g, g)
+def _materialised_on_cpu(t: jax.Array, x: jax.Array) -> jax.Array:
+    # A conditional's operand is a buffer: XLA cannot fuse (and so duplicate) the computation of ``t`` into
+    # its consumers across it. Both branches return ``t`` (the first writes t's leading element back into
+    # place) and are linear in ``t``, so reverse mode transposes the conditional (the cotangent then passes
+    # through one too); they differ only so that XLA does not fold the conditional away. The predicate
+    # reads the primal ``x``, which XLA cannot fold.
+    def rewrite(t):
+        flat = t.reshape(-1)
+        return jax.lax.dynamic_update_slice(flat, flat[:1], (0,)).reshape(t.shape)
+
+    return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), rewrite, lambda t: t, t)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def grad_fusion_barrier(x: jax.Array) -> jax.Array:
-    """The identity, whose cotangent XLA:CPU must materialise (a no-op elsewhere and in the forward).
+    """The identity, whose tangent and cotangent XLA:CPU must materialise (a no-op on other backends).
 
     Put on a residual stream at each block's input: without it XLA:CPU's instruction fusion never
     materialises the residual-stream gradient and duplicates its whole elementwise chain (the
     layer-norm backward and adaLN gates of every later block) into each transposed weight-gradient
     operand, O(depth^2) work (``benchmarks/train_step.py``). ``lax.optimization_barrier`` does not help
-    there (XLA:CPU expands it before fusion); a conditional's operand is a real buffer.
+    there (XLA:CPU expands it before fusion); a conditional's operand is a real buffer. A ``custom_jvp``
+    (not ``custom_vjp``) so that forward mode (MeanFlow's ``jax.jvp`` of the network) still works.
     """
     return x
 
 
-def _grad_fusion_barrier_bwd(_, g):
-    return (jax.lax.platform_dependent(g, cpu=_materialise_on_cpu, default=lambda g: g),)
-
-
-grad_fusion_barrier.defvjp(lambda x: (x, None), _grad_fusion_barrier_bwd)
+@grad_fusion_barrier.defjvp
+def _grad_fusion_barrier_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return x, jax.lax.platform_dependent(t, x, cpu=_materialised_on_cpu, default=lambda t, x: t)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

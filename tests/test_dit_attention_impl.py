@@ -32,6 +32,7 @@ def _inputs():
     return jax.random.normal(ks[0], (1, 8, 8, 4)), jax.random.uniform(ks[1], (1,)) * 999, jnp.asarray([7])
 
 
+@pytest.mark.slow  # Pallas interpret mode on CPU: ~1-2 min on a loaded 2-core machine
 def test_pallas_forward_and_grad_match_xla():
     ref, fused = _randomise(_tiny("xla")), _randomise(_tiny("pallas"))
     x, t, y = _inputs()
@@ -95,8 +96,11 @@ def test_grad_fusion_barrier_is_the_identity_and_survives_xla_cpu():
     _, vjp = jax.vjp(layers.grad_fusion_barrier, x)
     np.testing.assert_array_equal(layers.grad_fusion_barrier(x), x)
     np.testing.assert_array_equal(vjp(g)[0], g)
-    g_nan = g.at[0, 0, 0].set(jnp.nan)  # the branch the predicate takes on a NaN leading element
+    g_nan = g.at[0, 0, 0].set(jnp.nan)  # NaNs pass through unchanged
     np.testing.assert_array_equal(jax.jit(vjp)(g_nan)[0], g_nan)
+    x_nan = x.at[0, 0, 0].set(jnp.nan)  # the branch the predicate (on the primal) takes
+    np.testing.assert_array_equal(jax.jit(jax.vjp(layers.grad_fusion_barrier, x_nan)[1])(g)[0], g)
+    np.testing.assert_array_equal(jax.jvp(layers.grad_fusion_barrier, (x,), (g,))[1], g)  # forward mode too
     # Only the CPU lowering reads the cotangent for the conditional's predicate (isnan: a compare).
     f = jax.jit(jax.grad(lambda x: jnp.sum(layers.grad_fusion_barrier(x) ** 2)))
     for platform in ("cpu", "cuda", "tpu"):
