@@ -256,18 +256,11 @@ def siglip_state_dict(rng, w, depth, mlp, patch, grid, prefix="vision_model."):
     return {prefix + k: v for k, v in sd.items()}
 
 
-def vitamin_state_dict(width, depth, heads):
+def vitamin_state_dict(tmp_path, width, depth, heads):
     """timm 1.0.31 ``vitamin_xlarge_256`` names, built by timm at a tiny size (random weights)."""
-    timm = pytest.importorskip("timm")
-    import torch
-    from timm.models.vitamin import VitCfg, VitConvCfg
+    from tests.test_vitamin import timm_reference
 
-    torch.manual_seed(0)
-    cfg = VitCfg(embed_dim=(16, 32, width), depths=(2, 2, 1), stem_width=16,
-                 conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
-    model = timm.create_model("vitamin_xlarge_256", pretrained=False, embed_cfg=cfg, img_size=32, embed_dim=width,
-                              depth=depth, num_heads=heads, num_classes=width)
-    return {k: v.numpy() for k, v in model.state_dict().items()}
+    return timm_reference(tmp_path, width=width, depth=depth, heads=heads, size=32, classes=width)[3]
 
 
 def teacher_config(teacher, path, tmp_path):
@@ -309,7 +302,7 @@ def write_teacher(teacher, tmp_path):
         torch.save({k: torch.tensor(v) for k, v in sd.items()}, path)
         return path, sd
     if teacher == "vitamin_xlarge_256":
-        sd = vitamin_state_dict(32, 1, 2)
+        sd = vitamin_state_dict(tmp_path, 32, 1, 2)
     else:
         sd = siglip_state_dict(rng, 32, 2, 40, 3, 4)
         sd["logit_scale"] = np.zeros(1, np.float32)

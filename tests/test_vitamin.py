@@ -2,6 +2,10 @@
 at a tiny size through its own model function (random weights): ``forward_features`` (TokenFlow's teacher
 target) and the pooled head; the student layout without fc_norm/head; the missing-file error."""
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,27 +16,46 @@ from models.pretrained import vitamin
 TINY = dict(stem_width=16, stage_widths=(16, 32), stage_depths=(2, 2), width=64, depth=2, heads=2)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    timm = pytest.importorskip("timm")
+REFERENCE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import timm
     import torch
     from timm.models.vitamin import VitCfg, VitConvCfg
-
+    width, depth, heads, size, classes = (int(a) for a in sys.argv[2:7])
     torch.manual_seed(0)
-    cfg = VitCfg(embed_dim=(16, 32, 64), depths=(2, 2, 1), stem_width=16,
+    cfg = VitCfg(embed_dim=(16, 32, width), depths=(2, 2, 1), stem_width=16,
                  conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
-    model = timm.create_model("vitamin_xlarge_256", pretrained=False, embed_cfg=cfg, img_size=64, embed_dim=64,
-                              depth=2, num_heads=2, num_classes=8).eval()
+    model = timm.create_model("vitamin_xlarge_256", pretrained=False, embed_cfg=cfg, img_size=size, embed_dim=width,
+                              depth=depth, num_heads=heads, num_classes=classes).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_norm_weight = "norm" in name and name.endswith("weight")
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if is_norm_weight else 0.0))
-        x = torch.randn(2, 3, 64, 64, generator=g)
+        x = torch.randn(2, 3, size, size, generator=g)
         feats = model.forward_features(x)
         logits = model.forward_head(feats)
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    return x.numpy().transpose(0, 2, 3, 1), feats.numpy(), logits.numpy(), sd
+    np.savez(sys.argv[1], x=x.numpy().transpose(0, 2, 3, 1), feats=feats.numpy(), logits=logits.numpy(),
+             **{"sd/" + k: v.numpy() for k, v in model.state_dict().items()})
+""")
+
+
+def timm_reference(tmp, width=64, depth=2, heads=2, size=64, classes=8):
+    """A tiny timm ``vitamin_xlarge_256`` (random weights) in a subprocess (timm imports torchvision and
+    triton, which should not load into a process that runs JAX): its input, features, logits, state_dict."""
+    (tmp / "vitamin_ref.py").write_text(REFERENCE)
+    out = tmp / "vitamin_ref.npz"
+    subprocess.run([sys.executable, str(tmp / "vitamin_ref.py"), str(out), str(width), str(depth), str(heads),
+                    str(size), str(classes)], cwd=tmp, check=True, timeout=300,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(tmp), "PYTHONNOUSERSITE": "1"})
+    ref = np.load(out)
+    return ref["x"], ref["feats"], ref["logits"], {k[3:]: ref[k] for k in ref.files if k.startswith("sd/")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return timm_reference(tmp_path_factory.mktemp("vitamin"))
 
 
 def _close(ours, want):
