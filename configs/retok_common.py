@@ -11,6 +11,13 @@ dropout over the N tokens only, GigaTok's ``proj_loss``), "released" (import/eva
     python -m trainers.convert import retok VQ_SB256_e250.pt --config=configs/retok_sb.py:released --out=DIR
     python -m trainers.main --config=configs/retok_ss.py --workdir=DIR \\
         --config.model.hsr.teacher_path=dinov2_vitb14_pretrain.pth --config.model.loss.vgg_path=vgg16.pth
+
+The demo comparison (quality against the number of kept tokens k, equal steps; HSR needs DINOv2 weights,
+so on the digits it compares padding + nested dropout over N + M with nested dropout over N only):
+
+    python -m trainers.main --config=configs/retok_ss.py:demo --workdir=RETOK
+    python -m trainers.main --config=configs/retok_ss.py:demo,baseline --workdir=BASE
+    python -m tokenizers.retok_cli evaluate --workdir=RETOK --workdir=BASE --ks=1,2,4,8,16,32,64 --out=OUT
 """
 
 from __future__ import annotations
