@@ -193,7 +193,7 @@ def restore_params(workdir: str | Path, model_def, mesh, *, use_ema: bool = True
             state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
                 abstract, restore_args=restore_args, partial_restore=True))
         except Exception as e:  # noqa: BLE001 - an unreadable (partial) step falls back to an older one
-            errors.append(f"step {step}: {type(e).__name__}")
+            errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             continue
         return int(state["step"]), state[key], state["rest"]
     raise FileNotFoundError(f"no readable checkpoint in {root}" + (f" ({'; '.join(errors)})" if errors else ""))
