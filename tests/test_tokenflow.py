@@ -374,7 +374,7 @@ def test_teacher_config_errors_name_the_field(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher", ["clipb_224", "vitamin_xlarge_256", "siglip_384"])
-def test_real_teacher_trains_in_the_one_loop(teacher, tmp_path):
+def test_real_teacher_trains_and_the_decoder_stages_chain(teacher, tmp_path):
     from trainers import config_validation, train
 
     path, _ = write_teacher(teacher, tmp_path)
@@ -384,6 +384,21 @@ def test_real_teacher_trains_in_the_one_loop(teacher, tmp_path):
     m = [json.loads(line) for line in (tmp_path / "joint" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) and 0.0 < r["semantic_loss"] < 2.0 for r in m)
     assert int(joint["step"]) == 2
+    if teacher != "siglip_384":
+        return
+    # the enhanced-decoder fine-tune starts from the joint stage (read while the loop traces its
+    # init): all but the (new-shape) decoder carried over, and those stay frozen
+    e = teacher_config(teacher, path, tmp_path)
+    e.model.update(stage="decoder", enhanced_decoder=True, enhanced_ch=64, init_from=str(tmp_path / "joint"))
+    e.model.loss.disc_start = 0
+    e.num_steps, e.checkpoint_every = 1, 1
+    config_validation.validate(e)
+    enhanced = train.train_and_evaluate(e, str(tmp_path / "enhanced"))
+    r = json.loads((tmp_path / "enhanced" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert r["decoder_finetune"] == 1 and np.isfinite(r["loss"])
+    for key in ("encoder_vqkd", "quantize", "encoder", "decoder_vqkd"):
+        for a, b in zip(jax.tree.leaves(enhanced["params"][key]), jax.tree.leaves(joint["params"][key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_siglip_released_layout_imports_completely(golden):

@@ -64,7 +64,6 @@ def measure(method, model_def, params, rest, images: np.ndarray, lengths, *, bat
     """Per length: {length, bytes_per_image, psnr[, fid][, mnist_fid]}; plus reconstructions (uint8) per length."""
     import jax
 
-    from eval import harness
     from trainers.sample import images_to_uint8
 
     recon_fn = jax.jit(lambda p, r, x, k: method.reconstruct(model_def.merge(p, r), x, length=k),
@@ -81,16 +80,21 @@ def measure(method, model_def, params, rest, images: np.ndarray, lengths, *, bat
         rec = np.concatenate(chunks)
         recons[k] = rec
         row = {"length": int(k), "bytes_per_image": bytes_per_image(int(k), codebook), "psnr": psnr(images, rec)}
-        if inception_weights or domain:
-            scores = harness.evaluate(rec, inception_weights=inception_weights, dataset_images=images,
-                                      domain=domain)
-            if "fid" in scores:
-                row["rfid"] = scores["fid"]
-            if "mnist_fid" in scores:
-                row["mnist_rfid"] = scores["mnist_fid"]
+        row.update(reconstruction_fids(rec, images, inception_weights, domain))
         results.append(row)
         print(json.dumps(row), flush=True)
     return results, recons
+
+
+def reconstruction_fids(recons, images, inception_weights, domain) -> dict:
+    """rFID of reconstructions against their originals: Inception ``rfid`` (with weights) and the
+    domain's ``mnist_rfid`` (embedded digits); {} when neither is available."""
+    from eval import harness
+
+    if not (inception_weights or domain):
+        return {}
+    scores = harness.evaluate(recons, inception_weights=inception_weights, dataset_images=images, domain=domain)
+    return {name: scores[key] for key, name in (("fid", "rfid"), ("mnist_fid", "mnist_rfid")) if key in scores}
 
 
 def plot(results: list[dict], path: str | Path, title: str = "One-D-Piece: quality vs. length") -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizers.one_d_piece_cli import folder_images, psnr
+from tokenizers.one_d_piece_cli import folder_images, psnr, reconstruction_fids
 
 
 def parse_ks(text: str, num_latent_tokens: int) -> list[int]:
@@ -95,7 +95,6 @@ def measure(model_def, params, rest, images: np.ndarray, ks, *, batch_size: int 
     import jax
     import jax.numpy as jnp
 
-    from eval import harness
     from trainers.sample import images_to_uint8
 
     enc = jax.jit(lambda p, r, x: model_def.merge(p, r).encode(x)[0])
@@ -113,12 +112,7 @@ def measure(model_def, params, rest, images: np.ndarray, ks, *, batch_size: int 
         recons[k] = rec
         row = {"k": int(k), "psnr": psnr(images, rec),
                "mse": float(np.mean((x - (rec.astype(np.float64) / 127.5 - 1.0)) ** 2))}
-        if inception_weights or domain:
-            scores = harness.evaluate(rec, inception_weights=inception_weights, dataset_images=images, domain=domain)
-            if "fid" in scores:
-                row["rfid"] = scores["fid"]
-            if "mnist_fid" in scores:
-                row["mnist_rfid"] = scores["mnist_fid"]
+        row.update(reconstruction_fids(rec, images, inception_weights, domain))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows, recons

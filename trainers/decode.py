@@ -190,8 +190,11 @@ def restore_params(workdir: str | Path, model_def, mesh, *, use_ema: bool = True
         if not path.exists():
             continue
         try:
-            state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-                abstract, restore_args=restore_args, partial_restore=True))
+            # Eager even when called while a train state is being traced (a stage's init_from read
+            # inside the loop's jitted init): orbax's device_put would otherwise yield tracers.
+            with jax.ensure_compile_time_eval():
+                state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+                    abstract, restore_args=restore_args, partial_restore=True))
         except Exception as e:  # noqa: BLE001 - an unreadable (partial) step falls back to an older one
             errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             continue

@@ -113,3 +113,25 @@ def require_file(path: str | Path | None, *, what: str, config_field: str, publi
             f"{what} not found (set {config_field}; got {str(path) if path else 'nothing'}). "
             f"It is published at {published}; download it on a machine with internet access and copy it here.")
     return Path(path)
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+    """A local ``.safetensors`` or torch ``.pth``/``.bin``/``.pt`` (zip or legacy pickle) state_dict."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    from trainers import torchfile
+
+    return torchfile.load_state_dict(path)
+
+
+def clamped_normalise(images, mean, std):
+    """Images in [-1, 1] (B, H, W, C) -> a teacher's input as upstream's ``ScalingLayerFor*``: to [0, 1]
+    through the uint8 range with a clamp, then (x - mean) / std; one channel is repeated to three."""
+    import jax.numpy as jnp
+
+    x = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0) / 255.0
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    return (x - jnp.asarray(mean)) / jnp.asarray(std)

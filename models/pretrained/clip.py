@@ -23,6 +23,7 @@ or Hugging Face ``openai/clip-vit-base-patch16`` (:func:`openai_from_hf`).
 from __future__ import annotations
 
 import math
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from eval.resize import torch_bicubic
-from models.pretrained import regex_rename, require_file, torch_to_params
+from models.pretrained import clamped_normalise, read_weights, regex_rename, require_file, torch_to_params
 from tokenizers import vit
 
 VIT_B_16 = dict(width=768, depth=12, heads=12, patch_size=16, grid=14, output_dim=512)
@@ -95,10 +96,7 @@ class VisionTransformer(nnx.Module):
 def preprocess(images):
     """Images in [-1, 1] (B, H, W, C) -> CLIP input: upstream's ``ScalingLayerForClip`` (to [0, 1] through
     the uint8 range with a clamp, then CLIP mean/std); one channel is repeated to three."""
-    x = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0) / 255.0
-    if x.shape[-1] == 1:
-        x = jnp.repeat(x, 3, axis=-1)
-    return (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    return clamped_normalise(images, MEAN, STD)
 
 
 RENAMES = [
@@ -163,18 +161,16 @@ def load_state_dict(path, config_field: str) -> dict:
     """A local OpenAI ``ViT-B-16.pt`` (TorchScript archive), open_clip ``.bin``/``.pth``, or Hugging Face
     ``model.safetensors`` (converted by :func:`openai_from_hf`) CLIP checkpoint."""
     path = require_file(path, what="CLIP ViT-B/16 weights", config_field=config_field, published=PUBLISHED)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        sd = dict(load_file(str(path)))
-    else:
-        import zipfile
-
-        from trainers import torchfile
-
+    script = False
+    if path.suffix != ".safetensors" and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:  # OpenAI's .pt is a TorchScript archive (read, never run)
             script = any("/code/" in name for name in archive.namelist())
-        sd = torchfile.torchscript_state_dict(path) if script else torchfile.load_state_dict(path)
+    if script:
+        from trainers import torchfile
+
+        sd = torchfile.torchscript_state_dict(path)
+    else:
+        sd = read_weights(path)
     if any(k.startswith("vision_model.") or k.startswith("embeddings.") for k in sd):
         sd = openai_from_hf({k: v for k, v in sd.items() if not k.startswith("text_")})
     return sd

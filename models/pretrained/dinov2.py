@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from models.pretrained import require_file, torch_to_params
+from models.pretrained import read_weights, require_file, torch_to_params
 from tokenizers import vit
 
 SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # width, depth, heads (MLP 4x)
@@ -160,13 +160,7 @@ def params_from_torch(state_dict: dict, *, width: int, depth: int, heads: int, g
 def load_state_dict(path, config_field: str = "config.model.hsr.teacher_path") -> dict:
     """A local ``.pth`` (hub) / ``.bin`` / ``.safetensors`` (Hugging Face) DINOv2 state_dict."""
     path = require_file(path, what="DINOv2 weights", config_field=config_field, published=PUBLISHED)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(path)))
-    from trainers import torchfile
-
-    return torchfile.load_state_dict(path)
+    return read_weights(path)
 
 
 def load_params(path, *, size: str = "b", grid: int = 16, config_field: str = "config.model.hsr.teacher_path"):

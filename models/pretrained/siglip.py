@@ -30,7 +30,7 @@ from flax import nnx
 
 from eval.resize import torch_bicubic
 from models import layers
-from models.pretrained import regex_rename, require_file, torch_to_params
+from models.pretrained import clamped_normalise, read_weights, regex_rename, require_file, torch_to_params
 from tokenizers import vit
 
 # so400m-patch14-384: width, depth, heads, mlp, patch, image size
@@ -99,10 +99,7 @@ class SiglipVision(nnx.Module):
 def preprocess(images):
     """Images in [-1, 1] (B, H, W, C) -> SigLIP input: upstream's ``ScalingLayerForSigLip`` (to [0, 1]
     through uint8 range with a clamp, then (x - 0.5) / 0.5); one channel is repeated to three."""
-    x = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0) / 255.0
-    if x.shape[-1] == 1:
-        x = jnp.repeat(x, 3, axis=-1)
-    return (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    return clamped_normalise(images, MEAN, STD)
 
 
 HF_RENAMES = [
@@ -156,13 +153,7 @@ def params_from_torch(state_dict: dict, *, prefix: str = "", **kwargs) -> dict:
 def load_state_dict(path, config_field: str) -> dict:
     """A local ``model.safetensors`` / ``pytorch_model.bin`` of a SigLIP checkpoint."""
     path = require_file(path, what="SigLIP weights", config_field=config_field, published=PUBLISHED)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(path)))
-    from trainers import torchfile
-
-    return torchfile.load_state_dict(path)
+    return read_weights(path)
 
 
 def tokenflow_kwargs(*, width: int, depth: int, heads: int, mlp_dim: int, patch_size: int, grid: int,

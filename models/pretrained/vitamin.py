@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from models.pretrained import regex_rename, require_file, torch_to_params
+from models.pretrained import read_weights, regex_rename, require_file, torch_to_params
 from tokenizers import vit
 
 # vitamin_xlarge_256: conv stage widths (stem, stage 1, stage 2), stage depths, ViT width/depth/heads.
@@ -198,13 +198,7 @@ def params_from_torch(state_dict: dict, *, prefix: str = "", **kwargs) -> dict:
 def load_state_dict(path, config_field: str) -> dict:
     """A local ``model.safetensors`` / ``open_clip_pytorch_model.bin`` / ``.pth`` ViTamin checkpoint."""
     path = require_file(path, what="ViTamin-XL-256 weights", config_field=config_field, published=PUBLISHED)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(path)))
-    from trainers import torchfile
-
-    return torchfile.load_state_dict(path)
+    return read_weights(path)
 
 
 def merge(params, **kwargs) -> ViTamin:
