@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from models.pretrained import merge_module  # noqa: F401  (re-exported: the GAN-step pieces below)
 from trainers import sharding  # noqa: F401  (sets flax_always_shard_variable=False before any Param exists)
 
 CONV_AXES = ("conv_kernel", "conv_kernel", "conv_in", "conv_out")
@@ -488,18 +489,6 @@ def lecam_update(ema, logits, decay: float):
 # ----------------------------------------------------------------------------
 # The pieces of a tokenizer's adversarial train step (shared by every GAN-trained tokenizer)
 # ----------------------------------------------------------------------------
-
-
-def merge_module(abstract_model: nnx.Module, params: dict, rest: dict | None = None) -> nnx.Module:
-    """A module from an abstract one (``nnx.eval_shape``) and pure dicts of its params and,
-    optionally, its non-param state (e.g. a discriminator's BatchNorm statistics)."""
-    graphdef, abstract, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    copy = lambda tree: jax.tree.map(lambda v: v, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))  # noqa: E731
-    state, other = copy(abstract), copy(abstract_rest)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    if rest is not None:
-        nnx.replace_by_pure_dict(other, jax.tree.map(jnp.asarray, rest))
-    return nnx.merge(graphdef, state, other)
 
 
 def non_param_state(module: nnx.Module) -> dict:

@@ -135,3 +135,18 @@ def clamped_normalise(images, mean, std):
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
     return (x - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+def merge_module(abstract_model, params: dict, rest: dict | None = None):
+    """A module from an abstract one (``nnx.eval_shape``) and pure dicts of its params and,
+    optionally, its non-param state (e.g. BatchNorm statistics)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, abstract, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    copy = lambda tree: jax.tree.map(lambda v: v, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))  # noqa: E731
+    state, other = copy(abstract), copy(abstract_rest)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    if rest is not None:
+        nnx.replace_by_pure_dict(other, jax.tree.map(jnp.asarray, rest))
+    return nnx.merge(graphdef, state, other)

@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from eval.resize import torch_bicubic
-from models.pretrained import clamped_normalise, read_weights, regex_rename, require_file, torch_to_params
+from models.pretrained import (clamped_normalise, merge_module, read_weights, regex_rename, require_file,
+                               torch_to_params)
 from tokenizers import vit
 
 VIT_B_16 = dict(width=768, depth=12, heads=12, patch_size=16, grid=14, output_dim=512)
@@ -178,7 +179,4 @@ def load_state_dict(path, config_field: str) -> dict:
 
 def merge(params, **kwargs) -> VisionTransformer:
     abstract = nnx.eval_shape(lambda: VisionTransformer(**kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(abstract, params)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from models.pretrained import require_file
+from models.pretrained import merge_module, require_file
 from tokenizers import vit
 
 SIZES = {  # (depths, dims) of torchvision's convnext_{tiny,small,base,large}
@@ -127,10 +127,7 @@ def load_params(path, size: str = "small", *, config_field: str = "config.model.
 def merge(params, size: str = "small") -> ConvNeXt:
     depths, dims = SIZES[size]
     abstract = nnx.eval_shape(lambda: ConvNeXt(depths, dims, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(abstract, params)
 
 
 def imagenet_normalize(x01):

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from models.pretrained import read_weights, require_file, torch_to_params
+from models.pretrained import merge_module, read_weights, require_file, torch_to_params
 from tokenizers import vit
 
 SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # width, depth, heads (MLP 4x)
@@ -172,7 +172,4 @@ def load_params(path, *, size: str = "b", grid: int = 16, config_field: str = "c
 
 def merge(params, *, width: int, depth: int, heads: int, grid: int) -> DINOv2:
     abstract = nnx.eval_shape(lambda: DINOv2(width=width, depth=depth, heads=heads, grid=grid, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(abstract, params)

@@ -30,7 +30,8 @@ from flax import nnx
 
 from eval.resize import torch_bicubic
 from models import layers
-from models.pretrained import clamped_normalise, read_weights, regex_rename, require_file, torch_to_params
+from models.pretrained import (clamped_normalise, merge_module, read_weights, regex_rename, require_file,
+                               torch_to_params)
 from tokenizers import vit
 
 # so400m-patch14-384: width, depth, heads, mlp, patch, image size
@@ -166,7 +167,4 @@ def tokenflow_kwargs(*, width: int, depth: int, heads: int, mlp_dim: int, patch_
 
 def merge(params, **kwargs) -> SiglipVision:
     abstract = nnx.eval_shape(lambda: SiglipVision(**kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(abstract, params)

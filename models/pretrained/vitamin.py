@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from models.pretrained import read_weights, regex_rename, require_file, torch_to_params
+from models.pretrained import merge_module, read_weights, regex_rename, require_file, torch_to_params
 from tokenizers import vit
 
 # vitamin_xlarge_256: conv stage widths (stem, stage 1, stage 2), stage depths, ViT width/depth/heads.
@@ -203,7 +203,4 @@ def load_state_dict(path, config_field: str) -> dict:
 
 def merge(params, **kwargs) -> ViTamin:
     abstract = nnx.eval_shape(lambda: ViTamin(**kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(abstract, params)
