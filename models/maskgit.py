@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
+from models.pretrained import merge_module
 from tokenizers import vit
 from trainers.method import Method
 
@@ -288,11 +289,7 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> 
 
 
 def merge(model_kwargs, params) -> ImageBert:
-    abstract = nnx.eval_shape(lambda: ImageBert(**model_kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(nnx.eval_shape(lambda: ImageBert(**model_kwargs, rngs=nnx.Rngs(0))), params)
 
 
 def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
-from models.pretrained import require_file, torch_to_params
+from models.pretrained import merge_module, require_file, torch_to_params
 from tokenizers import quantizers
 from tokenizers.kl_vae import group_norm
 from trainers.method import Method, ModelDef
@@ -273,11 +273,7 @@ IMPORTERS = {"maskgit_vqgan": import_maskgit_vqgan}
 
 
 def merge(kwargs, params) -> MaskGITVQGAN:
-    abstract = nnx.eval_shape(lambda: MaskGITVQGAN(**kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(nnx.eval_shape(lambda: MaskGITVQGAN(**kwargs, rngs=nnx.Rngs(0))), params)
 
 
 def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:

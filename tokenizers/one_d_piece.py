@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 from models import layers
-from models.pretrained import regex_rename, torch_to_params
+from models.pretrained import merge_module, regex_rename, torch_to_params
 from tokenizers import losses, maskgit_vqgan, quantizers, vit
 from trainers.method import Method, ModelDef
 
@@ -313,11 +313,7 @@ IMPORTERS = {"one_d_piece": import_one_d_piece}
 
 
 def _merge(kwargs, params) -> OneDPiece:
-    abstract = nnx.eval_shape(lambda: OneDPiece(**kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(nnx.eval_shape(lambda: OneDPiece(**kwargs, rngs=nnx.Rngs(0))), params)
 
 
 def fixture_kwargs(meta) -> dict:
