@@ -2,9 +2,17 @@
 multi-scale indices. Upstream's t2i recipe (ByteFlow-AI/TokenFlow t2i scripts): lr 5e-4 constant after
 5000 warmup steps, wd 0.1, grad clip 0.5, bf16; sampling cfg 7.5, top-k 600, top-p 0.6.
 
-Variants (comma-separated): "" (ImageNet 256 on a configs/tokenflow_clipb.py tokenizer with its 256 scale
-list, a Llama-style 24-layer 1024-wide model: a size choice, the 7B text model is not the target),
-"demo" (the embedded digits on a configs/tokenflow_clipb.py:demo tokenizer):
+Variants (comma-separated): "" (ImageNet 256 on the configs/tokenflow_clipb.py:256 tokenizer, upstream's t2i
+one: clipb with --infer_interpolate, scales 1..14, 16; a Llama-style 24-layer 1024-wide model: a size
+choice, the 7B text model is not the target), "demo" (the embedded digits on a
+configs/tokenflow_clipb.py:demo tokenizer):
+
+    python -m trainers.convert import tokenflow tokenflow_clipb_32k_enhanced.pt \\
+        --config=configs/tokenflow_clipb.py:enhanced,released,256 --out=TOK256
+    python -m trainers.cache_latents --tokenizer_workdir=TOK256 --set data.dir=IMAGENET \\
+        --out=data_cache/imagenet2012_256_tokenflow
+    python -m trainers.main --config=configs/next_scale_tokenflow.py --workdir=GEN256 \\
+        --config.tokenizer.workdir=TOK256
 
     python -m trainers.main --config=configs/tokenflow_clipb.py:demo --workdir=TOK
     python -m trainers.cache_latents --tokenizer_workdir=TOK --out=CODES
@@ -28,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.base()
     c.model = ml_collections.ConfigDict(dict(
         name="next_scale",
-        scales=(1, 2, 4, 6, 8, 10, 12, 14, 16),  # clipb with infer_interpolate at 256 (t2i)
+        scales=(1, 2, 4, 6, 8, 10, 12, 14, 16),  # configs/tokenflow_clipb.py:256 (infer_interpolate, t2i)
         codebook_size=32768, code_dim=40,
         code_table="tokenizer",  # "tokenizer" (the paired TokenFlow's frozen codes, upstream) | "learned"
         dim=1024, n_layer=24, n_head=16,

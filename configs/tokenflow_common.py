@@ -6,7 +6,11 @@ decoder-only fine-tune, --finetune_decoder, from the joint stage's workdir ``con
 "enhanced" (the 256-channel, 4-res-block pixel decoder, --enhanced_decoder; with "decoder" it trains
 from scratch on the frozen rest of ``init_from``), "demo" (the embedded digits on a laptop CPU, with
 the frozen student initialisation as teacher), "released" (import/evaluation of
-``tokenflow_clipb_32k_enhanced.pt`` / ``tokenflow_siglip_32k.pt``: no teacher needed):
+``tokenflow_clipb_32k_enhanced.pt`` / ``tokenflow_siglip_32k.pt``: no teacher needed), "256" (clipb only:
+upstream's ``--infer_interpolate``, the 224-px tokenizer used at 256 px as the t2i model and the
+reconstruction evaluation do: the 14 x 14 position tables of the CLIP student and of ``decoder_vqkd`` kept as
+trained and resized bicubically, DINO's scale factor (16 + 0.1) / 14, to 16 x 16 in every forward; the scale
+list gains the never-trained 16, 817 tokens):
 
     python -m trainers.main --config=configs/tokenflow_clipb.py --workdir=J \
         --config.model.teacher_path=ViT-B-16.pt --config.data.dir=...
@@ -17,6 +21,8 @@ the frozen student initialisation as teacher), "released" (import/evaluation of
         --config=configs/tokenflow_clipb.py:enhanced,released --out=DIR
     python -m trainers.convert import tokenflow tokenflow_siglip_32k.pt \
         --config=configs/tokenflow_siglip.py:released --out=DIR
+    python -m trainers.convert import tokenflow tokenflow_clipb_32k_enhanced.pt \
+        --config=configs/tokenflow_clipb.py:enhanced,released,256 --out=DIR256   # the t2i tokenizer
 
     python -m trainers.main --config=configs/tokenflow_clipb.py:demo --workdir=TOK
     python -m trainers.main --config=configs/tokenflow_clipb.py:demo,decoder --workdir=TOK2 \
@@ -47,9 +53,12 @@ TEACHER_FILES = {"clipb_224": "OpenAI ViT-B-16.pt (clip.load('ViT-B/16'))",
 
 def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     variants = [a for a in (arg or "").split(",") if a]
-    unknown = set(variants) - {"demo", "decoder", "enhanced", "released"}
+    unknown = set(variants) - {"demo", "decoder", "enhanced", "released", "256"}
     if unknown:
-        raise ValueError(f"TokenFlow config variants: demo, decoder, enhanced, released; got {arg!r}")
+        raise ValueError(f"TokenFlow config variants: demo, decoder, enhanced, released, 256; got {arg!r}")
+    if "256" in variants and (teacher != "clipb_224" or "demo" in variants):
+        raise ValueError(f"TokenFlow config variant '256' (--infer_interpolate) is clipb's, without demo; got "
+                         f"{teacher}:{arg}")
     size, width, depth, heads, patch, scales, teacher_dim, extra = TEACHERS[teacher]
     c = common.base()
     m = c.model
@@ -71,6 +80,8 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     m.scales = scales
     m.scale_drop_prob = 0.1  # one non-first scale dropped in training
     m.vqkd = ml_collections.ConfigDict(dict(width=width, depth=3, heads=12))
+    # the grid of the position tables (0: data.image_size // patch_size); "256" keeps clipb's trained 14
+    m.position_grid = 0
     m.stage = "decoder" if "decoder" in variants else "joint"
     m.decoder_finetune_start = -1  # joint stage: step from which only the decoder trains (-1 = never)
     m.init_from = ""  # a previous stage's workdir (upstream --vq-ckpt): the decoder stages start from the joint one
@@ -88,6 +99,10 @@ def get_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     o.schedule = "constant"
     c.ema_rate = 0.9999
     c.checkpoint_every = 5000
+    if "256" in variants:
+        m.position_grid = size // patch
+        c.data.image_size = 256
+        m.scales = scales + (256 // patch,)
     if "released" in variants:
         m.loss.semantic_weight = 0.0
         m.loss.perceptual_weight = 0.0

@@ -25,9 +25,19 @@ def test_golden_fixture(golden, name):
     assert convert.check(golden / f"{name}.npz", verbose=True)
 
 
+def random_model(kwargs, seed=0):
+    """A TokenFlow with N(0, 0.1) numpy weights (an eager nnx init compiles one XLA program per
+    parameter shape) and its pure params."""
+    rng = np.random.RandomState(seed)
+    abstract = nnx.eval_shape(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda a: (0.1 * rng.randn(*a.shape)).astype(np.float32),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    return tokenflow.merge_module(abstract, params), params
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    model = tokenflow.TokenFlow(**TINY, rngs=nnx.Rngs(0))
+    model, _ = random_model(TINY)
     images = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
     return model, images
 
@@ -136,6 +146,56 @@ def test_tokenizer_stages_train_in_the_one_loop(tmp_path):
     train.train_and_evaluate(g, str(tmp_path / "gen"))
     assert all(np.isfinite(json.loads(r)["loss"]) for r in (tmp_path / "gen" / "metrics.jsonl").read_text().splitlines())
     assert list((tmp_path / "gen" / "samples").glob("*.png"))  # indices decoded through the TokenFlow pairing
+
+
+def test_clipb_at_256_interpolates_the_trained_position_tables():
+    # upstream --infer_interpolate: the 224-px tokenizer (14 x 14 position tables of the CLIP student and
+    # of decoder_vqkd, as trained and released) run at 256 px, the tables resized in every forward by
+    # torch's bicubic with DINO's scale factor (16 + 0.1) / 14; the scale list gains 16.
+    import torch
+
+    from configs import tokenflow_clipb
+    from trainers.method import get_method
+
+    c = tokenflow_clipb.get_config("enhanced,released,256")
+    kw = tokenflow.model_kwargs(c)
+    assert (kw["image_size"], kw["position_grid"], kw["scales"]) == (256, 14, (1, 2, 4, 6, 8, 10, 12, 14, 16))
+    assert tokenflow.teacher_kwargs(kw)["grid"] == 14  # the frozen teacher loads ViT-B-16.pt's 197-row table
+    with pytest.raises(ValueError, match="'256'"):
+        tokenflow_clipb.get_config("demo,256")
+    # the same variant at a tiny size: 64 px, patch 4 -> the 16 x 16 grid, tables kept at 14 x 14
+    c.data.image_size = 64
+    c.model.update(patch_size=4, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, enhanced_ch=32,
+                   enhanced_num_res_blocks=1, codebook_size=64, teacher_dim=24)
+    c.model.semantic.update(width=32, depth=1, heads=2)
+    c.model.vqkd.update(width=32, depth=1, heads=2)
+    get_method(c).validate_config(c)  # (the model's checks; ImageNet itself is not here)
+    kw = tokenflow.model_kwargs(c)
+    model, params = random_model(kw)
+    tables = {"encoder_vqkd": ("positional_embedding",), "decoder_vqkd": ("pos_embed",)}
+    ref = jax.tree.map(np.asarray, params)
+    for part, (name,) in tables.items():
+        table = np.asarray(params[part][name])
+        assert table.shape == (1, 1 + 14 * 14, 32)
+        patch = torch.tensor(table[0, 1:]).reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
+        patch = torch.nn.functional.interpolate(patch, scale_factor=(16.1 / 14, 16.1 / 14), mode="bicubic")
+        ref[part][name] = np.concatenate([table[:, :1], patch.permute(0, 2, 3, 1).reshape(1, 256, 32).numpy()], 1)
+    # the reference: the same weights with torch's interpolated 16 x 16 tables stored
+    reference = tokenflow._merge(lambda: tokenflow.TokenFlow(**{**kw, "position_grid": 16}, rngs=nnx.Rngs(0)), ref)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3), minval=-1.0, maxval=1.0)
+
+    @jax.jit
+    def run(x):
+        enc = model.encode(x)
+        sem_ref = reference.encoder_vqkd(x)
+        q = enc["quant"][..., :32]
+        return (enc, model.decode_code(enc["indices"]), model.encoder_vqkd(x), sem_ref, model.decoder_vqkd(q),
+                reference.decoder_vqkd(q))
+
+    enc, (sem_feat, image), tokens, tokens_ref, dec, dec_ref = run(x)
+    np.testing.assert_allclose(np.asarray(tokens), np.asarray(tokens_ref), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dec), np.asarray(dec_ref), atol=1e-5)
+    assert enc["indices"].shape == (1, 817) and image.shape == (1, 64, 64, 3) and sem_feat.shape == (1, 256, 24)
 
 
 def test_next_scale_mask_inputs_and_sampling():

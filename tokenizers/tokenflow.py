@@ -46,7 +46,7 @@ from flax import nnx
 
 from eval.resize import torch_area, torch_bicubic
 from models import layers
-from models.pretrained import clip, regex_rename, siglip, torch_to_params, vitamin
+from models.pretrained import clip, merge_module, regex_rename, siglip, torch_to_params, vitamin
 from tokenizers import losses, quantizers, vit
 from tokenizers.kl_vae import AttnBlock, Downsample, ResnetBlock, Upsample, conv, group_norm
 
@@ -252,10 +252,16 @@ class TokenFlow(nnx.Module):
                  dec_num_res_blocks: int, codebook_size: int, semantic_code_dim: int = 32, pixel_code_dim: int = 8,
                  commitment_cost: float = 0.25, entropy_loss_ratio: float = 0.0, distance_weight: float = 1.0,
                  scales=(1, 2, 4), vqkd_width: int, vqkd_depth: int = 3, vqkd_heads: int, teacher_dim: int,
-                 teacher: str = "student_init", semantic_extra: dict | None = None, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
+                 teacher: str = "student_init", semantic_extra: dict | None = None, position_grid: int | None = None,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
         self.teacher, self.image_size = teacher, image_size
         self.grid = image_size // patch_size
+        # the grid the position tables of encoder_vqkd / decoder_vqkd have (upstream's trained one: clipb's
+        # 14 x 14 at 256 px with --infer_interpolate); resized to the grid in every forward
+        self.position_grid = int(position_grid or self.grid)
+        if self.position_grid != self.grid and teacher not in ("clipb_224", "student_init"):
+            raise ValueError(f"position_grid={position_grid} != grid {self.grid}: only the CLIP semantic encoder "
+                             f"interpolates its position table (teacher {teacher!r})")
         self.pixel_size = self.grid * 2 ** (len(ch_mult) - 1)  # siglip_384: 432, resized from/to 384
         if self.pixel_size != image_size and teacher != "siglip_384":
             raise ValueError(f"semantic grid image_size/patch_size={self.grid} != pixel grid "
@@ -266,7 +272,7 @@ class TokenFlow(nnx.Module):
         self.split = (semantic_code_dim, pixel_code_dim)
         self.encoder_vqkd = semantic_encoder(teacher, in_channels=in_channels if teacher == "student_init" else 3,
                                              width=sem_width, depth=sem_depth, heads=sem_heads, patch_size=patch_size,
-                                             grid=self.grid, extra=semantic_extra, rngs=rngs, dtype=dtype)
+                                             grid=self.position_grid, extra=semantic_extra, rngs=rngs, dtype=dtype)
         self.encode_task_layer = TaskLayer(sem_width, semantic_code_dim, rngs=rngs, dtype=dtype)
         self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
                                in_channels=in_channels, rngs=rngs)
@@ -278,7 +284,7 @@ class TokenFlow(nnx.Module):
         self.decoder = Decoder(ch=dec_ch, ch_mult=ch_mult, num_res_blocks=dec_num_res_blocks, z_channels=z_channels,
                                out_channels=in_channels, rngs=rngs)
         self.decoder_vqkd = SemanticDecoder(in_chans=semantic_code_dim, width=vqkd_width, depth=vqkd_depth,
-                                            heads=vqkd_heads, grid=self.grid, rngs=rngs, dtype=dtype)
+                                            heads=vqkd_heads, grid=self.position_grid, rngs=rngs, dtype=dtype)
         self.decode_task_layer = TaskLayer(vqkd_width, teacher_dim, rngs=rngs, dtype=dtype)
 
     def features(self, x):
@@ -326,11 +332,8 @@ def scale_keep(rng, n_scales: int, prob: float) -> jax.Array:
 
 
 def _merge(module_fn, params):
-    abstract = nnx.eval_shape(module_fn)
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    """``module_fn()``'s module (built abstractly) with the pure ``params``."""
+    return merge_module(nnx.eval_shape(module_fn), params)
 
 
 def _abstract(module_fn) -> dict:
@@ -482,7 +485,7 @@ def model_kwargs(config) -> dict:
                 entropy_loss_ratio=float(m.entropy_loss_ratio), distance_weight=float(m.distance_weight),
                 scales=tuple(int(s) for s in m.scales), vqkd_width=int(m.vqkd.width), vqkd_depth=int(m.vqkd.depth),
                 vqkd_heads=int(m.vqkd.heads), teacher_dim=int(m.teacher_dim), teacher=str(m.teacher),
-                semantic_extra=semantic_extra(m))
+                semantic_extra=semantic_extra(m), position_grid=int(m.get("position_grid", 0)) or None)
 
 
 SEMANTIC_EXTRA = {"siglip_384": ("mlp_dim",), "vitamin_xlarge_256": ("stem_width", "stage_widths", "stage_depths")}
@@ -503,7 +506,8 @@ def teacher_kwargs(kwargs) -> dict:
     teacher = kwargs.get("teacher", "student_init")
     return dict(in_channels=kwargs["in_channels"] if teacher == "student_init" else 3, width=kwargs["sem_width"],
                 depth=kwargs["sem_depth"], heads=kwargs["sem_heads"], patch_size=kwargs["patch_size"],
-                grid=kwargs["image_size"] // kwargs["patch_size"], extra=kwargs.get("semantic_extra") or {},
+                grid=kwargs.get("position_grid") or kwargs["image_size"] // kwargs["patch_size"],
+                extra=kwargs.get("semantic_extra") or {},
                 output_dim=kwargs["teacher_dim"] if teacher == "clipb_224" else None)
 
 
@@ -594,6 +598,12 @@ class TokenFlowMethod(Method):
                 raise ValueError(f"config.model.ch/enhanced_ch/z_channels: width {w} is not a multiple of 32 (GroupNorm)")
         if m.teacher not in TEACHERS:
             raise ValueError(f"config.model.teacher={m.teacher!r}: one of {TEACHERS}")
+        if kw["position_grid"] not in (None, grid) and m.teacher not in ("clipb_224", "student_init"):
+            raise ValueError(f"config.model.position_grid={kw['position_grid']} != the grid {grid}: only the CLIP "
+                             f"semantic encoder interpolates its position table (upstream --infer_interpolate), "
+                             f"not {m.teacher}")
+        if kw["position_grid"] is not None and kw["position_grid"] < 1:
+            raise ValueError(f"config.model.position_grid={kw['position_grid']}: 0 (the grid) or a positive grid")
         if m.teacher != "clipb_224" and int(m.teacher_dim) != int(m.semantic.width):
             raise ValueError(f"config.model.teacher_dim={m.teacher_dim} must equal config.model.semantic.width="
                              f"{m.semantic.width} with the {m.teacher} teacher (its tokens are the target)")
@@ -756,7 +766,7 @@ class TokenFlowMethod(Method):
 
         target = None
         if self.uses_teacher():
-            teacher = losses.merge_module(self.teacher_module(), state["teacher"])
+            teacher = merge_module(self.teacher_module(), state["teacher"])
             target = jax.lax.stop_gradient(teacher_target(self.kwargs["teacher"], teacher, x))
 
         def objective(params):
@@ -770,10 +780,10 @@ class TokenFlowMethod(Method):
             out = {"l2_loss": l2, "semantic_loss": sem, "vq_loss": enc["codebook_loss"],
                    "commit_loss": enc["commitment_loss"], "entropy_loss": enc["entropy_loss"]}
             if float(lc.perceptual_weight) > 0:
-                p = jnp.mean(_merge_lpips(state["lpips"])(x, recon))
+                p = jnp.mean(merge_module(_lpips_abstract(), state["lpips"])(x, recon))
                 loss = loss + float(lc.perceptual_weight) * p
                 out["perceptual_loss"] = p
-            disc = losses.merge_module(disc_abstract, state["disc"]["params"], state["disc"]["batch_stats"])
+            disc = merge_module(disc_abstract, state["disc"]["params"], state["disc"]["batch_stats"])
             g_loss = losses.generator_loss(disc(recon, train=True), "hinge")
             loss = loss + float(lc.disc_weight) * gan_factor * g_loss
             usage = quantizers.code_usage(enc["indices"], model.quantize.codebook_size)
@@ -829,15 +839,8 @@ IMPORTERS = {"tokenflow": import_tokenflow}
 _LPIPS_ABSTRACT: list = []
 
 
-def _merge_lpips(params):
-
+def _lpips_abstract():
+    """The abstract LPIPS module (built once; its weights are the train state's ``lpips``)."""
     if not _LPIPS_ABSTRACT:
         _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
-    return _merge_into(_LPIPS_ABSTRACT[0], params)
-
-
-def _merge_into(abstract, params):
-    g, s, r = nnx.split(abstract, nnx.Param, ...)
-    s = jax.tree.map(lambda v: v, s, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(s, params)
-    return nnx.merge(g, s, r)
+    return _LPIPS_ABSTRACT[0]
