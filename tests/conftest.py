@@ -1,14 +1,39 @@
 """Shared test helpers: paths, the tiny DiT config every loop test uses, subprocess runners."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden"
+
+
+def _share_compilation_cache():
+    """One persistent XLA compilation cache per test run, shared by the pytest-xdist workers and by every
+    process they start (the loop tests start many that compile the same tiny programs). The run's first
+    process makes it (the workers inherit the variables) and removes it at the end. A user's own
+    JAX_COMPILATION_CACHE_DIR is left alone."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return None
+    path = tempfile.mkdtemp(prefix="genzoo-test-xla-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    if "jax" in sys.modules:  # imported before this file (a plugin): its config read the environment already
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+_OWN_CACHE = _share_compilation_cache()
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # The tiny DiT every loop test trains: 16x16x1 pixels, 16 tokens, width 32, 2 blocks.
 TINY_DIT_OVERRIDES = [

@@ -261,7 +261,8 @@ def test_embedded_latent_pipeline_trains_samples_and_scores(tmp_path):
                 f"--config.data.latents={cache}", f"--config.tokenizer.workdir={vae}",
                 "--config.num_steps=4", "--config.optim.warmup_steps=1", "--config.log_every=2",
                 "--config.checkpoint_every=4", "--config.eval.num_samples=40", "--config.sample.num_steps=2",
-                "--config.num_grid_samples=10"], timeout=1200)
+                "--config.num_grid_samples=40", "--config.sample_batch_size=40"],  # grid and score: one compile
+               timeout=1200)
     scores = json.loads((xar / "scores.jsonl").read_text().splitlines()[-1])
     assert scores["step"] == 4 and np.isfinite(scores["mnist_fid"]) and np.isfinite(scores["mnist_is"])
     assert (xar / "samples" / "step_00000004.png").exists()
@@ -270,9 +271,12 @@ def test_embedded_latent_pipeline_trains_samples_and_scores(tmp_path):
                 "--set=sample.num_steps=2"], timeout=1200)
     with np.load(out) as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
-    ref = tmp_path / "ref.npz"
-    run_python(["-m", "eval.make_ref", "--config=configs/xar_b.py:demo", "--num=200", f"--out={ref}", "--domain"],
-               timeout=1200)
+    from configs import xar_b
+    from eval import make_ref
+
+    ref = tmp_path / "ref.npz"  # the reference in-process (the make_ref CLI: tests/test_eval_harness.py)
+    make_ref.make_reference(make_ref.dataset_images(xar_b.get_config("demo"), num=200), str(ref), inception=None,
+                            resize="tf1_bilinear", domain=True)
     proc = run_python(["-m", "eval.main", f"--samples={out}", f"--ref={ref}"], timeout=1200)
     assert "mnist_fid:" in proc.stdout and "mnist_is:" in proc.stdout
 
