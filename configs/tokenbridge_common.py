@@ -62,6 +62,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         quant_impl="auto",  # "auto" (Pallas kernel on GPU/TPU, jnp on CPU) | "pallas" | "xla"
         channel_order=CHANNEL_ORDER,  # fixed per-dimension AR order, specific to MAR's KL-16
         attention_impl="auto",  # encoder/decoder attention: cuDNN on GPU (bf16), splash on TPU, else xla
+        remat=False,  # recompute every block in the backward pass (TokenBridge-H on 64 devices: benchmarks/pod_plan.py)
     ))
     c.compute_dtype = "bfloat16"  # upstream trains and samples under fp16 autocast; params and norms stay f32
     # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_tokenbridge.py),

@@ -176,7 +176,7 @@ class TokenBridgeNet(nnx.Module):
                  channel_embed_dim: int, channel_depth: int, channel_heads: int, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, buffer_size: int = 64, attn_dropout: float = 0.0,
                  proj_dropout: float = 0.0, quantizer: Quantizer, channel_order=CHANNEL_ORDER,
-                 attention_impl: str = "xla", rngs: nnx.Rngs, dtype=jnp.float32):
+                 attention_impl: str = "xla", remat: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
         order = np.asarray(channel_order, np.int32)
         if sorted(order.tolist()) != list(range(token_dim)):
             raise ValueError(f"channel_order {tuple(order.tolist())} is not a permutation of the {token_dim} "
@@ -184,6 +184,7 @@ class TokenBridgeNet(nnx.Module):
         self.seq_len, self.token_dim, self.buffer_size = seq_len, token_dim, buffer_size
         self.num_classes = num_classes
         self.attn_dropout, self.proj_dropout = attn_dropout, proj_dropout
+        self.remat = remat  # recompute each block's activations in the backward pass (memory: benchmarks/pod_plan.py)
         self.quantizer = quantizer
         self.channel_order = tuple(int(i) for i in order)  # tuples: static, not array state
         self.inv_channel_order = tuple(int(i) for i in np.argsort(order))
@@ -270,9 +271,9 @@ class TokenBridgeNet(nnx.Module):
         valid = jnp.take_along_axis(keep, ids, axis=1)
         x = constrain(jnp.take_along_axis(x, ids[..., None], axis=1), ("act_batch", "act_len", "act_embed"))
         attn_mask = valid[:, None, None, :]
+        apply = self._block_apply()
         for i, block in enumerate(self.encoder_blocks):
-            x = block(x, mask=attn_mask, attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
-                      dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+            x = apply(block, x, attn_mask, None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
             x = constrain(x, ("act_batch", "act_len", "act_embed"))
         return self.encoder_norm(x), ids, valid
 
@@ -288,12 +289,20 @@ class TokenBridgeNet(nnx.Module):
         x = canvas.at[jnp.arange(b)[:, None], ids].set(x)  # ids are distinct: a plain scatter
         x = x + self.decoder_pos_embed_learned[...].astype(x.dtype)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        apply = self._block_apply()
         for i, block in enumerate(self.decoder_blocks):
-            x = block(x, attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
-                      dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1000 + i))
+            x = apply(block, x, None, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1000 + i))
             x = constrain(x, ("act_batch", "act_len", "act_embed"))
         x = self.decoder_norm(x)[:, self.buffer_size:]
         return x + self.output_pos_embed[...].astype(x.dtype)
+
+    def _block_apply(self):
+        """(block, x, mask, dropout_rng) -> block output; under ``nnx.remat`` when ``self.remat``."""
+        def apply(block, x, mask, rng):
+            return block(x, mask=mask, attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
+                         dropout_rng=rng)
+
+        return nnx.remat(apply) if self.remat else apply
 
     def backbone(self, values, mask, class_embedding, *, num_visible=None, dropout_rng=None):
         enc_rng = dec_rng = None
@@ -309,10 +318,15 @@ class TokenBridgeNet(nnx.Module):
         """Blocks -> channel_norm -> final adaLN layer. x, c (M, L, C). Returns (h, new caches)."""
         new = []
         for i, block in enumerate(self.channel_blocks):
-            x, kv = block(x, c, mask=mask, kv_valid=kv_valid, kv_cache=None if caches is None else caches[i],
-                          cache_index=cache_index,
-                          attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
-                          dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            if self.remat and caches is None:  # training (teacher forcing); the cached decode keeps no activations
+                x, kv = nnx.remat(lambda blk, x, c, mask, rng: blk(
+                    x, c, mask=mask, kv_valid=kv_valid, attn_dropout=self.attn_dropout,
+                    proj_dropout=self.proj_dropout, dropout_rng=rng))(block, x, c, mask, rng)
+            else:
+                x, kv = block(x, c, mask=mask, kv_valid=kv_valid, kv_cache=None if caches is None else caches[i],
+                              cache_index=cache_index, attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
+                              dropout_rng=rng)
             new.append(kv)
         return self.channel_final(self.channel_norm(x), c), new
 
@@ -583,7 +597,7 @@ class TokenBridge(Method):
             channel_embed_dim=m.channel_embed_dim, channel_depth=m.channel_depth, channel_heads=m.channel_heads,
             mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, buffer_size=m.buffer_size,
             attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, quantizer=self.quantizer(),
-            channel_order=tuple(m.channel_order), attention_impl=m.attention_impl, rngs=rngs,
+            channel_order=tuple(m.channel_order), attention_impl=m.attention_impl, remat=m.get("remat", False), rngs=rngs,
             dtype=jnp.dtype(self.config.compute_dtype))
 
     def to_tokens(self, x: jax.Array) -> jax.Array:

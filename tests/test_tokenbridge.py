@@ -195,6 +195,25 @@ def test_loss_falls_when_training_on_a_fixed_batch(tiny):
     assert np.isfinite(losses).all() and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3, losses
 
 
+def test_remat_gives_the_same_loss_and_gradients(tiny):
+    """config.model.remat recomputes every encoder, decoder and channel-AR block in the backward pass
+    (TokenBridge-H's memory plan needs it); the loss and every gradient stay the same."""
+    config, method, model_def, params, rest = tiny
+    remat_config = tiny_tokenbridge_config(**{"model.remat": True})
+    remat_method = get_method(remat_config)
+    remat_def = ModelDef(remat_method)
+    assert remat_def.merge(params).remat and not model_def.merge(params).remat
+    images = jax.random.uniform(jax.random.PRNGKey(5), (8, 16, 16, 1), minval=-1, maxval=1)
+    batch = {"image": jnp.round(images), "label": jnp.arange(8) % 10}
+
+    def grads(m, d):
+        return jax.jit(jax.value_and_grad(lambda p: m.loss(d.merge(p), batch, jax.random.PRNGKey(3))[0]))(params)
+
+    (loss, g), (loss_r, g_r) = grads(method, model_def), grads(remat_method, remat_def)
+    assert float(loss_r) == pytest.approx(float(loss), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), g, g_r)
+
+
 def test_channel_ar_cached_equals_uncached_and_temperature_zero_is_argmax(tiny):
     _, _, model_def, params, rest = tiny
     model = model_def.merge(params, rest)
