@@ -100,54 +100,6 @@ def test_config_errors_name_the_field():
         config_validation.validate(c)
 
 
-@pytest.mark.slow
-def test_tokenizer_stages_train_in_the_one_loop(tmp_path):
-    from configs import tokenflow_clipb
-    from trainers import cache_latents, config_validation, sharding, train
-
-    c = tokenflow_clipb.get_config("demo")
-    c.data.cache_dir = str(tmp_path / "data")
-    c.data.image_size = 16
-    c.model.update(patch_size=4, ch_mult=(1, 1, 1), scales=(1, 2, 4), codebook_size=64, decoder_finetune_start=2,
-                   scale_drop_prob=0.5)
-    c.model.semantic.update(width=32, depth=1, heads=2)
-    c.model.teacher_dim = 32
-    c.model.vqkd.update(width=32, depth=1, heads=2)
-    c.model.loss.update(disc_start=1, disc_ndf=8, disc_layers=1)
-    c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 4, 3, 1, 3
-    c.num_grid_samples, c.sample_batch_size, c.eval.num_samples = 4, 4, 0
-    config_validation.validate(c)
-    state = train.train_and_evaluate(c, str(tmp_path / "tok"))
-    m = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) and np.isfinite(r["semantic_loss"]) for r in m)
-    assert [r["gan_factor"] for r in m] == [0.0, 1.0, 1.0] and [r["decoder_finetune"] for r in m] == [0, 0, 1]
-    assert state["step"] == 3
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    tok_config, params, rest = cache_latents.load_workdir_tokenizer(str(tmp_path / "tok"), mesh, use_ema=False)
-    assert tok_config.model.name == "tokenflow"
-    rng = np.random.RandomState(0)
-    npz = tmp_path / "images.npz"
-    np.savez(npz, images=rng.randint(0, 255, (8, 16, 16, 1)).astype(np.uint8), labels=rng.randint(0, 10, 8))
-    meta = cache_latents.write_cache(tok_config, params, str(tmp_path / "codes"), npz=str(npz), batch_size=4,
-                                     progress=False, rest=rest)
-    assert meta["latent_type"] == "codes" and meta["latent_shape"][-1] == 21
-
-    from configs import next_scale_tokenflow
-
-    g = next_scale_tokenflow.get_config("demo")
-    g.model.update(scales=(1, 2, 4), codebook_size=64, dim=32, n_layer=1, n_head=2)
-    g.data.latents = str(tmp_path / "codes")
-    g.data.image_size = 16
-    g.tokenizer.workdir = str(tmp_path / "tok")
-    g.batch_size, g.num_steps, g.log_every, g.checkpoint_every = 4, 2, 1, 2
-    g.optim.warmup_steps = 1
-    g.num_grid_samples, g.sample_batch_size, g.eval.num_samples = 4, 4, 0
-    config_validation.validate(g)
-    train.train_and_evaluate(g, str(tmp_path / "gen"))
-    assert all(np.isfinite(json.loads(r)["loss"]) for r in (tmp_path / "gen" / "metrics.jsonl").read_text().splitlines())
-    assert list((tmp_path / "gen" / "samples").glob("*.png"))  # indices decoded through the TokenFlow pairing
-
-
 def test_clipb_at_256_interpolates_the_trained_position_tables():
     # upstream --infer_interpolate: the 224-px tokenizer (14 x 14 position tables of the CLIP student and
     # of decoder_vqkd, as trained and released) run at 256 px, the tables resized in every forward by
@@ -341,8 +293,8 @@ def teacher_config(teacher, path, tmp_path):
     elif teacher == "vitamin_xlarge_256":  # 32 px, stride 16: a 2 x 2 grid
         c.data.image_size, m.patch_size, m.ch_mult, m.scales, m.teacher_dim = 32, 16, (1, 1, 1, 1, 1), (1, 2), 32
         m.semantic = dict(width=32, depth=1, heads=2, stem_width=16, stage_widths=(16, 32), stage_depths=(2, 2))
-    else:  # 12 px, patch 3: a 4 x 4 grid; the pixel branch at 16 px (as 432 for 384), resized back to 12
-        c.data.image_size, m.patch_size, m.ch_mult, m.scales, m.teacher_dim = 12, 3, (1, 1, 1), (1, 2, 4), 32
+    else:  # 12 px, patch 3: a 4 x 4 grid; the pixel branch at 8 px (as 432 for 384), resized back to 12
+        c.data.image_size, m.patch_size, m.ch_mult, m.scales, m.teacher_dim = 12, 3, (1, 1), (1, 2, 4), 32
         m.semantic = dict(width=32, depth=2, heads=2, mlp_dim=40)
     c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 4, 2, 1, 2
     c.num_grid_samples, c.sample_batch_size, c.eval.num_samples = 4, 4, 0
@@ -371,20 +323,57 @@ def write_teacher(teacher, tmp_path):
     return path, sd
 
 
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """teacher -> (checkpoint path, its state_dict), written once per module."""
+    files = {}
+
+    def get(teacher):
+        if teacher not in files:
+            files[teacher] = write_teacher(teacher, tmp_path_factory.mktemp(teacher))
+        return files[teacher]
+
+    return get
+
+
+def traced_train_step(method, batch_size):
+    """The train state, its shardings and one train step, traced (jax.eval_shape, nothing compiled):
+    the state trees, the teacher's shardings and the step's outputs fit together."""
+    from trainers import sharding
+
+    rng = jax.random.PRNGKey(0)
+    state = jax.eval_shape(method.init_train_state, rng)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    shardings = method.train_state_shardings(state, mesh)
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    size, ch = method.kwargs["image_size"], method.kwargs["in_channels"]
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, ch), jnp.float32),
+             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    new, aux = jax.eval_shape(method.train_step, state, batch, rng)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert all(aux[k].shape == () for k in ("loss", "semantic_loss", "l2_loss", "g_loss", "kept_scales"))
+    return state
+
+
 @pytest.mark.parametrize("teacher", ["clipb_224", "vitamin_xlarge_256", "siglip_384"])
-def test_real_teacher_is_the_target_and_the_student_init(teacher, tmp_path):
-    from tokenizers import losses
+def test_real_teacher_is_the_target_and_the_student_init(teacher, teacher_file, tmp_path):
+    # (the whole train step with a real teacher in the one loop: test_stages_chain_in_the_one_loop, SigLIP)
     from trainers import config_validation
     from trainers.method import get_method
 
-    path, sd = write_teacher(teacher, tmp_path)
+    path, sd = teacher_file(teacher)
     c = teacher_config(teacher, path, tmp_path)
     config_validation.validate(c)
     method = get_method(c)
     teacher_params, student = method.pretrained()["teacher"], method.pretrained()["student"]
-    params, _ = jax.jit(method.initial_params)(jax.random.PRNGKey(0))
-    for a, b in zip(jax.tree.leaves(params["encoder_vqkd"]), jax.tree.leaves(student)):
-        np.testing.assert_array_equal(np.asarray(a), b)  # the student starts from the teacher's weights
+    state = traced_train_step(method, c.batch_size)
+    assert jax.tree.structure(state["teacher"]) == jax.tree.structure(teacher_params)
+    # the student starts from the teacher's weights (only that part of the init compiled)
+    init = jax.jit(lambda r: method.initial_params(r)[0]["encoder_vqkd"])(jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(student)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    _, params = random_model(method.kwargs)
+    params["encoder_vqkd"] = init
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, c.data.image_size, c.data.image_size, 1), minval=-1, maxval=1)
     model = method.model_def.merge(params)
     student_only = nnx.eval_shape(lambda: tokenflow.semantic_encoder(
@@ -392,23 +381,94 @@ def test_real_teacher_is_the_target_and_the_student_init(teacher, tmp_path):
 
     @jax.jit
     def run(x, teacher_params, student):
-        target = tokenflow.teacher_target(teacher, losses.merge_module(method.teacher_module(), teacher_params), x)
+        target = tokenflow.teacher_target(teacher, tokenflow.merge_module(method.teacher_module(), teacher_params), x)
         enc = model.encode(x)
-        tokens = losses.merge_module(student_only, student)(tokenflow.semantic_input(teacher, x))
-        return target, enc["semantic_features"], model.decode(enc["quant"])[1], tokens
+        student_model = tokenflow.merge_module(student_only, student)
+        tokens = student_model(tokenflow.semantic_input(teacher, x))
+        sem = tokenflow.semantic_loss(enc["semantic_features"], target)
+        return target, enc["semantic_features"], model.decode(enc["quant"])[1], tokens, sem, student_model(
+            tokenflow.clip.preprocess(x))
 
-    target, sem_feat, image, tokens = run(x, teacher_params, student)
+    target, sem_feat, image, tokens, sem, clip_in = run(x, teacher_params, student)
     grid = c.data.image_size // c.model.patch_size
     assert target.shape == sem_feat.shape == (2, grid * grid, c.model.teacher_dim) and image.shape == x.shape
+    assert 0.0 < float(sem) < 2.0  # 1 - cos, averaged over the tokens
     if teacher == "clipb_224":  # the target: CLIP-normalised input, patch tokens @ visual.proj; the student: raw
         assert "proj" in teacher_params and "proj" not in student
-        clip_in = jax.jit(lambda x: losses.merge_module(student_only, student)(tokenflow.clip.preprocess(x)))(x)
         np.testing.assert_allclose(np.asarray(target), np.asarray(clip_in) @ sd["visual.proj"], atol=1e-4)
         assert np.abs(np.asarray(clip_in) - np.asarray(tokens)).max() > 1e-3
     else:  # ViTamin / SigLIP: the target is the teacher tower itself on the normalised input
         np.testing.assert_allclose(np.asarray(target), np.asarray(tokens), atol=1e-4)
     if teacher == "siglip_384":  # hidden_states[-2]: the last layer and the head are not loaded
         assert len(teacher_params["blocks"]) == 1 and "head" not in teacher_params
+
+
+@pytest.mark.slow
+def test_stages_in_the_one_loop_chain_and_a_generator_trains_on_the_codes(teacher_file, tmp_path):
+    # The joint stage with a real (tiny, random) SigLIP teacher in the one loop: the GAN on from step 2,
+    # decoder-only from step 3 (everything but the pixel decoder stays at its step-2 value), a scale
+    # dropped with p = 0.5. The enhanced-decoder stage starts from its workdir. Its codes are cached and a
+    # next-scale generator trains on them, sampled to images through the pairing.
+    import shutil
+
+    from configs import next_scale_tokenflow
+    from trainers import cache_latents, config_validation, sharding, train
+    from trainers.method import get_method
+
+    path, _ = teacher_file("siglip_384")
+    c = teacher_config("siglip_384", path, tmp_path)
+    c.model.update(decoder_finetune_start=2, scale_drop_prob=0.5)
+    c.model.loss.disc_start = 1
+    c.num_steps, c.checkpoint_every, c.num_grid_samples = 3, 2, 0
+    config_validation.validate(c)
+    joint_dir = tmp_path / "joint"
+    joint = train.train_and_evaluate(c, str(joint_dir))
+    m = [json.loads(line) for line in (joint_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and 0.0 < r["semantic_loss"] < 2.0 for r in m)
+    assert [r["gan_factor"] for r in m] == [0.0, 1.0, 1.0] and [r["decoder_finetune"] for r in m] == [0, 0, 1]
+    assert int(joint["step"]) == 3
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    shutil.copytree(joint_dir, tmp_path / "step2")
+    shutil.rmtree(tmp_path / "step2" / "checkpoints" / "3")
+    _, step2, _ = cache_latents.load_workdir_tokenizer(str(tmp_path / "step2"), mesh, use_ema=False)
+    for key in joint["params"]:
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(joint["params"][key]), jax.tree.leaves(step2[key]))]
+        assert all(same) if key != "decoder" else not all(same), key
+
+    # the enhanced-decoder stage (upstream drops the plain decoder's keys): its init, as the loop traces
+    # it, carries over every other part of the joint workdir; its 64-channel decoder starts fresh
+    e = teacher_config("siglip_384", path, tmp_path)
+    e.model.update(stage="decoder", enhanced_decoder=True, enhanced_ch=64, init_from=str(joint_dir))
+    config_validation.validate(e)
+    method = get_method(e)
+    init = jax.jit(lambda r: method.initial_params(r)[0])(jax.random.PRNGKey(0))
+    for key in joint["params"]:
+        if key != "decoder":
+            for a, b in zip(jax.tree.leaves(init[key]), jax.tree.leaves(joint["params"][key])):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert init["decoder"]["conv_in"]["kernel"].shape[-1] == 64 != joint["params"]["decoder"]["conv_in"]["kernel"].shape[-1]
+
+    tok_config, params, rest = cache_latents.load_workdir_tokenizer(str(joint_dir), mesh, use_ema=False)
+    assert tok_config.model.name == "tokenflow"
+    rng = np.random.RandomState(0)
+    npz = tmp_path / "images.npz"
+    np.savez(npz, images=rng.randint(0, 255, (8, 12, 12, 1)).astype(np.uint8), labels=rng.randint(0, 10, 8))
+    meta = cache_latents.write_cache(tok_config, params, str(tmp_path / "codes"), npz=str(npz), batch_size=4,
+                                     progress=False, rest=rest)
+    assert meta["latent_type"] == "codes" and meta["latent_shape"][-1] == 21
+
+    g = next_scale_tokenflow.get_config("demo")
+    g.model.update(scales=(1, 2, 4), codebook_size=32, dim=32, n_layer=1, n_head=2)
+    g.data.latents = str(tmp_path / "codes")
+    g.data.image_size = 12
+    g.tokenizer.workdir = str(joint_dir)
+    g.batch_size, g.num_steps, g.log_every, g.checkpoint_every = 4, 2, 1, 2
+    g.optim.warmup_steps = 1
+    g.num_grid_samples, g.sample_batch_size, g.eval.num_samples = 4, 4, 0
+    config_validation.validate(g)
+    train.train_and_evaluate(g, str(tmp_path / "gen"))
+    assert all(np.isfinite(json.loads(r)["loss"]) for r in (tmp_path / "gen" / "metrics.jsonl").read_text().splitlines())
+    assert list((tmp_path / "gen" / "samples").glob("*.png"))  # indices decoded through the TokenFlow pairing
 
 
 def test_teacher_config_errors_name_the_field(tmp_path):
@@ -430,35 +490,6 @@ def test_teacher_config_errors_name_the_field(tmp_path):
     c = tokenflow_clipb.get_config("demo,decoder")
     with pytest.raises(ValueError, match="config.model.init_from"):
         config_validation.validate(c)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("teacher", ["clipb_224", "vitamin_xlarge_256", "siglip_384"])
-def test_real_teacher_trains_and_the_decoder_stages_chain(teacher, tmp_path):
-    from trainers import config_validation, train
-
-    path, _ = write_teacher(teacher, tmp_path)
-    c = teacher_config(teacher, path, tmp_path)
-    config_validation.validate(c)
-    joint = train.train_and_evaluate(c, str(tmp_path / "joint"))
-    m = [json.loads(line) for line in (tmp_path / "joint" / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) and 0.0 < r["semantic_loss"] < 2.0 for r in m)
-    assert int(joint["step"]) == 2
-    if teacher != "siglip_384":
-        return
-    # the enhanced-decoder fine-tune starts from the joint stage (read while the loop traces its
-    # init): all but the (new-shape) decoder carried over, and those stay frozen
-    e = teacher_config(teacher, path, tmp_path)
-    e.model.update(stage="decoder", enhanced_decoder=True, enhanced_ch=64, init_from=str(tmp_path / "joint"))
-    e.model.loss.disc_start = 0
-    e.num_steps, e.checkpoint_every = 1, 1
-    config_validation.validate(e)
-    enhanced = train.train_and_evaluate(e, str(tmp_path / "enhanced"))
-    r = json.loads((tmp_path / "enhanced" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert r["decoder_finetune"] == 1 and np.isfinite(r["loss"])
-    for key in ("encoder_vqkd", "quantize", "encoder", "decoder_vqkd"):
-        for a, b in zip(jax.tree.leaves(enhanced["params"][key]), jax.tree.leaves(joint["params"][key])):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_siglip_released_layout_imports_completely(golden):
