@@ -100,6 +100,23 @@ def test_config_errors_name_the_field():
         config_validation.validate(c)
 
 
+def test_demo_train_step_traces_with_the_student_init_teacher():
+    # the demo's teacher: a frozen copy of the semantic encoder's initialisation (no checkpoint)
+    from configs import tokenflow_clipb
+    from trainers.method import get_method
+
+    c = tokenflow_clipb.get_config("demo")
+    c.data.image_size = 16
+    c.model.update(patch_size=4, ch_mult=(1, 1, 1), scales=(1, 2, 4), codebook_size=64)
+    c.model.semantic.update(width=32, depth=1, heads=2)
+    c.model.teacher_dim = 32
+    c.model.vqkd.update(width=32, depth=1, heads=2)
+    method = get_method(c)
+    method.validate_config(c)
+    state = traced_train_step(method, 4)
+    assert jax.tree.structure(state["teacher"]) == jax.tree.structure(state["params"]["encoder_vqkd"])
+
+
 def test_clipb_at_256_interpolates_the_trained_position_tables():
     # upstream --infer_interpolate: the 224-px tokenizer (14 x 14 position tables of the CLIP student and
     # of decoder_vqkd, as trained and released) run at 256 px, the tables resized in every forward by
@@ -172,6 +189,17 @@ def test_next_scale_mask_inputs_and_sampling():
     out = jax.jit(lambda r: next_scale.generate(model, table, r, labels, cfg_scale=2.0, top_k=4, top_p=0.9))(
         jax.random.PRNGKey(2))
     assert out.shape == (2, 14) and out.dtype == jnp.int32 and int(out.max()) < 16
+    # top-k 1 is greedy on the guided logits (1 + t) cond - t uncond, t = cfg * k / (n - 1) at scale k:
+    # rerun the model on the sampled indices (block-causal: scale k's logits see only scales < k)
+    greedy = jax.jit(lambda r: next_scale.generate(model, table, r, labels, cfg_scale=2.0, top_k=1))
+    out = greedy(jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(np.asarray(greedy(jax.random.PRNGKey(4))), np.asarray(out))
+    both = jnp.concatenate([labels, jnp.full_like(labels, 10)])
+    logits = jax.jit(lambda z: model(model.teacher_inputs(table, z), both))(jnp.concatenate([out, out]))
+    t = np.repeat(2.0 * np.arange(3) / 2, [1, 4, 9])[None, :, None]
+    guided = (1 + t) * np.asarray(logits[:2]) - t * np.asarray(logits[2:])
+    np.testing.assert_array_equal(guided.argmax(-1), np.asarray(out))
+    assert np.any(guided.argmax(-1) != np.asarray(logits[:2]).argmax(-1))  # the guidance changed a choice
 
 
 def test_released_checkpoint_layout_imports_completely(golden):
@@ -211,7 +239,7 @@ def test_released_checkpoint_layout_imports_completely(golden):
     np.testing.assert_array_equal(bias[64:128], 0.0)
     np.testing.assert_array_equal(bias[:64], params["decoder_vqkd.blocks.0.attn.q_bias"])
     model = tokenflow._merge(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)), out)
-    assert model.encode(jnp.zeros((1, 64, 64, 3)))["indices"].shape == (1, 21)
+    assert jax.eval_shape(model.encode, jnp.zeros((1, 64, 64, 3)))["indices"].shape == (1, 21)
 
 
 # ----------------------------------------------------------------------------
@@ -511,4 +539,5 @@ def test_siglip_released_layout_imports_completely(golden):
     np.testing.assert_array_equal(out["encoder_vqkd"]["position_embedding"],
                                   sd["encoder_vqkd.vision_model.embeddings.position_embedding.weight"])
     model = tokenflow._merge(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)), out)
-    assert model.decode_code(model.encode(jnp.zeros((1, 64, 64, 3)))["indices"])[1].shape == (1, 64, 64, 3)
+    image = jax.eval_shape(lambda x: model.decode_code(model.encode(x)["indices"])[1], jnp.zeros((1, 64, 64, 3)))
+    assert image.shape == (1, 64, 64, 3)
