@@ -157,7 +157,7 @@ def tiny_config(folder, cache, **model):
                   captions=str(cache / "captions"))
     c.text.update(max_length=8, random_t5=dict(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     c.model.update(patch_size=8, width=32, depth=1, num_heads=2, text_length=8, token_channels=4, **model)
-    c.model.loss.update(disc_start=1, disc_filters=4, disc_channel_multipliers=(1, 2))
+    c.model.loss.update(disc_start=1, disc_filters=4, disc_channel_multipliers=(1,))  # one ResBlock: compiles fast
     c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 8, 3, 1, 3
     c.optim.warmup_steps = 1
     c.sample.caption_pool_size = 3
@@ -293,9 +293,15 @@ def test_tokenizer_and_generator_train_in_the_loop_and_sample_with_pool_captions
     scores = textok.evaluate_tokenizer(str(tok_dir), 16, domain=True)
     assert np.isfinite(scores["mse"]) and "mnist_fid" in scores and scores["step"] == 3
     assert scores["num_tokens"] == 4 and scores["text_inject"] == "both"
+    # What the decoder reads: the same images from other images' tokens, and under other images' captions.
+    assert all(np.isfinite(scores[k]) for k in ("mse_other_tokens", "mse_other_caption", "mse_mean_image"))
+    assert scores["mse_other_tokens"] != scores["mse"] and scores["mse_other_caption"] != scores["mse"]
     baseline = {**scores, "text_inject": "none", "mse": 2 * scores["mse"]}
+    baseline.pop("mse_other_caption")
     text = textok.table([scores, baseline]).splitlines()
     assert len(text) == 3 and text[2].startswith("| 4 | 3 |") and f"{2 * scores['mse']:.4f}" in text[2]
+    assert text[2].endswith(f"| {scores['mse_other_caption']:.4f} | {scores['mse_other_tokens']:.4f} / "
+                            f"{scores['mse_other_tokens']:.4f} |")
 
     # The one cache command dispatches to TexTok's own encoder (each image with its caption).
     from trainers import cache_latents, sharding
@@ -311,7 +317,7 @@ def test_tokenizer_and_generator_train_in_the_loop_and_sample_with_pool_captions
     # The first caption of each image: the cache equals encoding by hand under the first caption.
     from trainers import data, latents
 
-    _, _, model_def, *_ = textok._restore(str(tok_dir), mesh)
+    model_def = textok.TexTokMethod(config).model_def
     source = captions.with_captions(data.record_source(config)[0], config)
     prep = data.Preprocess(32, 1, False, data.min_image_side(config))
     first = prep(source[0], np.random.default_rng(0))
@@ -329,7 +335,8 @@ def test_tokenizer_and_generator_train_in_the_loop_and_sample_with_pool_captions
     d.batch_size, d.num_steps, d.log_every, d.checkpoint_every, d.sample_batch_size = 8, 3, 1, 3, 8
     d.optim.warmup_steps = 1
     d.sample.num_steps = 3
-    d.sample_every, d.eval.every, d.num_grid_samples, d.eval.num_samples = 0, 0, 4, 8
+    # Grid and score at one batch size: one compiled sampler + decoder serves both.
+    d.sample_every, d.eval.every, d.num_grid_samples, d.eval.num_samples = 0, 0, 8, 8
     from trainers import config_validation
 
     config_validation.validate(d)

@@ -27,6 +27,19 @@ Implementation choices (the paper does not say; each is a config field, ``config
   of a StyleGAN discriminator (tokenizers/losses.py) with LeCAM (``lecam_weight``), MAGVIT-v2
   defaults: 0.1 / 0.1 / 1e-3, discriminator from ``disc_start``, no adaptive weight.
 
+The plateau (why the demo's ``quick`` recipe is what it is; probes on ``demo,quick,t8``, batch 32): the
+ViT pair first learns the mean image (MSE ~0.21 on the digits) and sits there. Its encoder's tokens
+hardly vary between images (their std over a batch 0.04-0.2, against 2-3 over all entries) and its
+decoder ignores them (each image decoded from another image's tokens: the same MSE); a captioned run
+reads its caption first (under another image's caption the MSE rises by 0.02-0.08) and its tokens
+later. No bug: overfitting one batch of 64, the decoder starts to read its tokens after 100-150 steps
+at lr 1e-3 or 3e-3 and patch 8 or 4 alike (MSE 0.21/0.17/0.19 at step 150, 0.23-0.27 from another
+image's tokens); on the stream a zero-initialised pixel head or width 128 do not shorten the plateau;
+a constant lr 3e-3 leaves it after ~250 steps (MSE 0.097 at step 300 on a held batch; 0.056 at 600,
+``evaluate``), while the earlier 1e-3 decayed by a cosine to 1e-4 over 400 steps never did (MSE
+0.227, text or not, at 8, 16 and 32 tokens). ``evaluate`` reports both reads (``mse_other_tokens``, ``mse_other_caption``) and the
+mean image's MSE (``mse_mean_image``) beside the reconstruction error.
+
 Captions in the batch (trainers/captions.py): ``caption_emb`` (B, K, N_t, D_t), ``caption_mask``
 (B, K, N_t), ``caption_valid`` (B, K); every step draws one valid caption per image with its rng.
 
@@ -51,6 +64,7 @@ import optax
 from flax import nnx
 
 from models import layers
+from models.pretrained import merge_module
 from models import dit as dit_lib
 from tokenizers import losses, vit
 from tokenizers.kl_vae import gaussian_parameters, posterior_kl, posterior_sample
@@ -215,15 +229,6 @@ def choose_caption(batch, rng):
     j = jax.random.categorical(rng, logits, axis=-1)
     take = lambda a: jnp.take_along_axis(a, j.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)[:, 0]  # noqa: E731
     return take(batch["caption_emb"]), take(batch["caption_mask"])
-
-
-def _merge(abstract, params, rest=None):
-    graphdef, p, r = nnx.split(abstract, nnx.Param, ...)
-    p = jax.tree.map(lambda v: v, p, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(p, params)
-    if rest is not None:
-        nnx.replace_by_pure_dict(r, rest)
-    return nnx.merge(graphdef, p, r)
 
 
 class _Shapes:
@@ -417,6 +422,22 @@ class TexTokMethod(Method):
         mask = batch["caption_mask"][:, 0] if self.uses_text else None
         return self.reconstruct(model, batch["image"], text, mask)
 
+    def swapped_reconstructions(self, model: TexTok, batch) -> dict:
+        """{"own": reconstructions (posterior mean, first caption), "other_tokens": each image decoded from the
+        next image's tokens under its own caption, and (captioned runs) "other_caption": from its own tokens
+        under the next image's caption}: how much the decoder reads its tokens and its caption."""
+        x = batch["image"]
+        text = batch["caption_emb"][:, 0] if self.uses_text else None
+        mask = batch["caption_mask"][:, 0] if self.uses_text else None
+        self._text(text, mask, "reconstructs")
+        out = model.encode(x, text, mask)
+        z = gaussian_parameters(out)[0] if model.latent == "kl" else out
+        roll = lambda a: None if a is None else jnp.roll(a, 1, axis=0)  # noqa: E731
+        recons = {"own": model.decode(z, text, mask), "other_tokens": model.decode(roll(z), text, mask)}
+        if self.uses_text:
+            recons["other_caption"] = model.decode(z, roll(text), roll(mask))
+        return recons
+
     # -- the objective
     def _inputs(self, batch, rng):
         rng_caption, rng_eps = jax.random.split(rng)
@@ -433,7 +454,7 @@ class TexTokMethod(Method):
         rec = jnp.mean(jnp.square(recon - x))
         loss, metrics = rec, {"rec_loss": rec}
         if lc.perceptual_weight > 0:
-            lpips = _merge(_lpips_abstract(), lpips_params)
+            lpips = merge_module(_lpips_abstract(), lpips_params)
             p = jnp.mean(lpips(jax.lax.stop_gradient(x), recon))
             loss, metrics["p_loss"] = loss + lc.perceptual_weight * p, p
         if model.latent == "kl":
@@ -511,7 +532,7 @@ class TexTokMethod(Method):
             model = self.model_def.merge(params, state["rest"])
             loss, recon, metrics = self._reconstruction_loss(model, x, text, mask, eps, state["lpips"] or None)
             if self.gan:
-                disc = _merge(disc_abstract, state["disc"]["params"], state["disc"]["rest"])
+                disc = merge_module(disc_abstract, state["disc"]["params"], state["disc"]["rest"])
                 g_loss = losses.generator_loss(disc(recon, train=True), lc.gen_loss)
                 loss = loss + lc.gan_weight * disc_factor * g_loss
                 metrics["g_loss"] = g_loss
@@ -531,7 +552,7 @@ class TexTokMethod(Method):
         lecam = state["lecam"]
 
         def d_objective(disc_params):
-            disc = _merge(disc_abstract, disc_params, state["disc"]["rest"])
+            disc = merge_module(disc_abstract, disc_params, state["disc"]["rest"])
             logits_real, logits_fake = disc(x, train=True), disc(recon, train=True)
             d_loss = losses.DISCRIMINATOR_LOSSES[lc.disc_loss](logits_real, logits_fake)
             reg = losses.lecam_regularization(logits_real, logits_fake, lecam["real"], lecam["fake"])
@@ -757,19 +778,25 @@ def evaluate_tokenizer(workdir: str, num: int = 500, *, seed: int = 17, mesh=Non
         config.data.random_flip = False
     it = data.create_iterator(config, seed=seed, global_batch_size=config.batch_size,
                               source_transform=method.data_source)
-    recon_fn = jax.jit(lambda p, r, b: method.reconstruct_batch(model_def.merge(p, r), b))
-    originals, recons = [], []
+    recon_fn = jax.jit(lambda p, r, b: method.swapped_reconstructions(model_def.merge(p, r), b))
+    originals, recons = [], {}
     while sum(len(o) for o in originals) < num:
         batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-        recons.append(np.asarray(recon_fn(params, rest, batch)))
+        for k, v in recon_fn(params, rest, batch).items():
+            recons.setdefault(k, []).append(np.asarray(v))
         originals.append(np.asarray(batch["image"]))
-    x, y = np.concatenate(originals)[:num], np.clip(np.concatenate(recons)[:num], -1, 1)
-    mse = float(np.mean(np.square(x - y)))
-    scores = harness.evaluate(images_to_uint8(y), dataset_images=images_to_uint8(x),
+    x = np.concatenate(originals)[:num]
+    recons = {k: np.clip(np.concatenate(v)[:num], -1, 1) for k, v in recons.items()}
+    mse = float(np.mean(np.square(x - recons["own"])))
+    # Does the decoder read its inputs? The same reconstruction from another image's tokens (own caption)
+    # and, for a captioned run, under another image's caption (own tokens); the mean image is the plateau.
+    reads = {"mse_mean_image": float(np.mean(np.square(x - x.mean(axis=0, keepdims=True)))),
+             **{f"mse_{k}": float(np.mean(np.square(x - v))) for k, v in recons.items() if k != "own"}}
+    scores = harness.evaluate(images_to_uint8(recons["own"]), dataset_images=images_to_uint8(x),
                               inception_weights=config.eval.inception_weights or None,
                               domain=config.data.name == data.EMBEDDED if domain is None else domain)
     return {"num_tokens": int(config.model.num_tokens), "text_inject": str(config.model.text_inject), "step": step,
-            "num": num, "mse": mse, "psnr": float(10 * np.log10(4.0 / mse)), **scores}
+            "num": num, "mse": mse, "psnr": float(10 * np.log10(4.0 / mse)), **reads, **scores}
 
 
 def sample_generator(workdir: str, num: int = 500, *, seed: int = 1, mesh=None, reference_seed: int = 17,
@@ -813,15 +840,17 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         by.setdefault(r["num_tokens"], {})["none" if r["text_inject"] == "none" else "text"] = r
     fid = "mnist_fid" if any("mnist_fid" in r for r in rows) else "fid"
-    head = (f"| tokens | steps | MSE text | MSE no text | PSNR text | PSNR no text | {fid} text | {fid} no text |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = (f"| tokens | steps | MSE text | MSE no text | PSNR text | PSNR no text | {fid} text | {fid} no text "
+            "| MSE text, other caption | MSE other tokens text / no text |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     cell = lambda d, k, f: format(d[k], f) if d and k in d else "-"  # noqa: E731
     for n in sorted(by):
         t, b = by[n].get("text"), by[n].get("none")
         steps = "/".join(sorted({str(r["step"]) for r in (t, b) if r}))
         lines.append(f"| {n} | {steps} | {cell(t, 'mse', '.4f')} | {cell(b, 'mse', '.4f')} | {cell(t, 'psnr', '.2f')} | "
-                     f"{cell(b, 'psnr', '.2f')} | {cell(t, fid, '.1f')} | {cell(b, fid, '.1f')} |")
+                     f"{cell(b, 'psnr', '.2f')} | {cell(t, fid, '.1f')} | {cell(b, fid, '.1f')} | "
+                     f"{cell(t, 'mse_other_caption', '.4f')} | {cell(t, 'mse_other_tokens', '.4f')} / "
+                     f"{cell(b, 'mse_other_tokens', '.4f')} |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from models import layers
+from models.pretrained import merge_module
 
 HF_URL = "https://huggingface.co/{repo}"
 
@@ -346,11 +347,7 @@ def build(cfg: T5Config, params: dict | None = None, *, dtype=jnp.float32) -> T5
     """A T5Encoder with ``params`` (pure dict, e.g. from :func:`params_from_hf`); random if None."""
     model = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)) if params is not None \
         else T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)
-    if params is not None:
-        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-        model = nnx.merge(graphdef, state, rest)
-    return model
+    return merge_module(model, params) if params is not None else model
 
 
 def load_pretrained(folder: str | Path, *, repo: str | None = None, dtype=jnp.float32) -> tuple[T5Encoder, T5Config]:
