@@ -111,10 +111,14 @@ def test_demo_train_step_traces_with_the_student_init_teacher():
     c.model.semantic.update(width=32, depth=1, heads=2)
     c.model.teacher_dim = 32
     c.model.vqkd.update(width=32, depth=1, heads=2)
+    c.data.channels, c.model.loss.perceptual_weight = 3, 1.0  # with the LPIPS term (RGB)
     method = get_method(c)
+    lpips = nnx.to_pure_dict(nnx.state(tokenflow._lpips_abstract(), nnx.Param))
+    method._frozen["lpips"] = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), lpips)  # (no VGG16 file here)
     method.validate_config(c)
     state = traced_train_step(method, 4)
     assert jax.tree.structure(state["teacher"]) == jax.tree.structure(state["params"]["encoder_vqkd"])
+    assert jax.tree.structure(state["lpips"]) == jax.tree.structure(lpips)
 
 
 def test_clipb_at_256_interpolates_the_trained_position_tables():
@@ -380,6 +384,7 @@ def traced_train_step(method, batch_size):
     new, aux = jax.eval_shape(method.train_step, state, batch, rng)
     assert jax.tree.structure(new) == jax.tree.structure(state)
     assert all(aux[k].shape == () for k in ("loss", "semantic_loss", "l2_loss", "g_loss", "kept_scales"))
+    assert ("perceptual_loss" in aux) == (float(method.config.model.loss.perceptual_weight) > 0)
     return state
 
 
