@@ -2,7 +2,8 @@
 argmin, huge w -> the pixel argmin), decode_code(encode(x).indices) = the forward decode, the random
 scale drop, config errors, the tokenizer stages in the one loop on the embedded digits, the real
 teachers (CLIP / ViTamin / SigLIP, tiny random-weight checkpoints in their published layouts) as
-frozen targets and student initialisations, stage chaining (init_from), and the released layouts."""
+frozen targets and student initialisations, stage chaining (init_from), the released layouts, clipb at
+256 px (position tables interpolated as torch), and the next-scale generator's guided top-k/top-p sampler."""
 
 import json
 

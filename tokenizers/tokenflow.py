@@ -25,7 +25,9 @@ target = patch tokens @ ``visual.proj``), ``vitamin_xlarge_256`` (``models/pretr
 CLIP-normalised, target ``forward_features``), ``siglip_384`` (``models/pretrained/siglip.py``,
 SigLIP-normalised, target ``hidden_states[-2]``; the pixel branch runs at 16 x 27 = 432 px, bicubically
 resized from and back to 384), and ``student_init`` (the demo: a frozen copy of the student's own
-initialisation, on raw pixels).
+initialisation, on raw pixels). ``position_grid`` (clipb's ``--infer_interpolate``, configs/tokenflow_clipb.py:256):
+the position tables of ``encoder_vqkd`` and ``decoder_vqkd`` keep the trained 14 x 14 and are resized to the
+16 x 16 grid in every forward (bicubic, DINO's scale factor (16 + 0.1) / 14, torch's kernel), as upstream.
 
 Layout: images NHWC in [-1, 1]; feature maps NHWC; indices (B, sum s^2) coarse-to-fine, row-major.
 
