@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 from models import layers
-from models.pretrained import regex_rename, torch_to_params
+from models.pretrained import merge_module, regex_rename, torch_to_params
 from tokenizers import losses, quantizers, vit
 from tokenizers.kl_vae import Downsample, ResnetBlock, Upsample, conv, group_norm
 from trainers.method import Method, ModelDef
@@ -50,7 +50,7 @@ from trainers.method import Method, ModelDef
 # 6 layers (not TiTok's 8).
 VIT_SIZES = {"tiny": (256, 4, 4), "small": (512, 6, 8), "base": (768, 12, 12), "large": (1024, 24, 16),
              "xl": (1280, 36, 20), "xxl": (1536, 48, 24)}
-GROUPS = 32  # upstream's Normalize(): GroupNorm(32, eps 1e-6), hard-coded
+GROUPS = 32  # upstream's Normalize(): GroupNorm(32, eps 1e-6), hard-coded (``norm_groups``)
 
 
 # ----------------------------------------------------------------------------
@@ -86,8 +86,8 @@ class AdaptiveGroupNorm(nnx.Module):
     """
 
     def __init__(self, z_channels: int, channels: int, rngs: nnx.Rngs, *, eps: float = 1e-6,
-                 unbiased: bool = True):
-        self.gn = nnx.GroupNorm(channels, num_groups=GROUPS, epsilon=eps, use_scale=False, use_bias=False,
+                 unbiased: bool = True, groups: int = GROUPS):
+        self.gn = nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_scale=False, use_bias=False,
                                 use_fast_variance=False, rngs=rngs)
         self.gamma = layers.dense(z_channels, channels, ("channels", "conv_out"), rngs=rngs)
         self.beta = layers.dense(z_channels, channels, ("channels", "conv_out"), rngs=rngs)
@@ -102,8 +102,8 @@ class AdaptiveGroupNorm(nnx.Module):
 
 
 class EncoderLevel(nnx.Module):
-    def __init__(self, in_ch, out_ch, num_blocks, downsample: bool, rngs):
-        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, GROUPS, rngs)
+    def __init__(self, in_ch, out_ch, num_blocks, downsample: bool, rngs, groups: int = GROUPS):
+        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, rngs)
                              for i in range(num_blocks)])
         self.downsample = Downsample(out_ch, rngs) if downsample else None
 
@@ -118,15 +118,16 @@ class CNNEncoder(nnx.Module):
     ``use_attn=False``)."""
 
     def __init__(self, *, ch: int, ch_mult, num_res_blocks: int, z_channels: int, in_channels: int = 3,
-                 rngs: nnx.Rngs):
+                 norm_groups: int = GROUPS, rngs: nnx.Rngs):
+        g = norm_groups
         self.conv_in = conv(in_channels, ch, 3, rngs)
         levels, prev = [], ch
         for i, m in enumerate(ch_mult):
-            levels.append(EncoderLevel(prev, ch * m, num_res_blocks, i != len(ch_mult) - 1, rngs))
+            levels.append(EncoderLevel(prev, ch * m, num_res_blocks, i != len(ch_mult) - 1, rngs, g))
             prev = ch * m
         self.conv_blocks = nnx.List(levels)
-        self.mid = nnx.List([ResnetBlock(prev, prev, GROUPS, rngs), ResnetBlock(prev, prev, GROUPS, rngs)])
-        self.norm_out = group_norm(prev, GROUPS, rngs)
+        self.mid = nnx.List([ResnetBlock(prev, prev, g, rngs), ResnetBlock(prev, prev, g, rngs)])
+        self.norm_out = group_norm(prev, g, rngs)
         self.conv_out = conv(prev, z_channels, 3, rngs)
 
     def __call__(self, x):
@@ -139,8 +140,8 @@ class CNNEncoder(nnx.Module):
 
 
 class DecoderLevel(nnx.Module):
-    def __init__(self, in_ch, out_ch, num_blocks, upsample: str | None, rngs):
-        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, GROUPS, rngs)
+    def __init__(self, in_ch, out_ch, num_blocks, upsample: str | None, rngs, groups: int = GROUPS):
+        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, rngs)
                              for i in range(num_blocks)])
         self.upsample = {None: lambda: None, "d2s": lambda: D2SUpsampler(out_ch, rngs),
                          "nearest": lambda: Upsample(out_ch, rngs)}[upsample]()
@@ -157,22 +158,23 @@ class CNNDecoder(nnx.Module):
 
     def __init__(self, *, ch: int, ch_mult, num_res_blocks: int, z_channels: int, out_channels: int = 3,
                  adaptive_gn: bool = True, d2s_up: bool = True, unbiased_style_var: bool = True,
-                 rngs: nnx.Rngs):
+                 norm_groups: int = GROUPS, rngs: nnx.Rngs):
+        g = norm_groups
         block_in = ch * ch_mult[-1]
         self.conv_in = conv(z_channels, block_in, 3, rngs)
-        self.mid = nnx.List([ResnetBlock(block_in, block_in, GROUPS, rngs),
-                             ResnetBlock(block_in, block_in, GROUPS, rngs)])
+        self.mid = nnx.List([ResnetBlock(block_in, block_in, g, rngs),
+                             ResnetBlock(block_in, block_in, g, rngs)])
         levels, adaptive = [], []
         for i_level in reversed(range(len(ch_mult))):
             out = ch * ch_mult[i_level]
             if adaptive_gn:
-                adaptive.append(AdaptiveGroupNorm(z_channels, block_in, rngs, unbiased=unbiased_style_var))
+                adaptive.append(AdaptiveGroupNorm(z_channels, block_in, rngs, unbiased=unbiased_style_var, groups=g))
             up = None if i_level == 0 else ("d2s" if d2s_up else "nearest")
-            levels.append(DecoderLevel(block_in, out, num_res_blocks + 1, up, rngs))
+            levels.append(DecoderLevel(block_in, out, num_res_blocks + 1, up, rngs, g))
             block_in = out
         self.conv_blocks = nnx.List(levels)
         self.adaptive = nnx.List(adaptive) if adaptive_gn else None
-        self.norm_out = group_norm(block_in, GROUPS, rngs)
+        self.norm_out = group_norm(block_in, g, rngs)
         self.conv_out = conv(block_in, out_channels, 3, rngs)
 
     def __call__(self, z):
@@ -210,8 +212,9 @@ def multi_level_pool(x: jax.Array, n_level: int) -> jax.Array:
     return jnp.concatenate(groups, axis=1)
 
 
-def _pos(rngs, n, width):
-    return vit.learned_embedding(rngs, (n, width), width ** -0.5)
+def _pos(rngs, n, width, std=None):
+    """A learned position table, N(0, std^2); std None = width^-0.5 (upstream's ``scale * randn``)."""
+    return vit.learned_embedding(rngs, (n, width), width ** -0.5 if std is None else std)
 
 
 def _memory_pos(module):
@@ -227,15 +230,16 @@ class ViTEncoder(nnx.Module):
     ``multi_level_query_init=True``)."""
 
     def __init__(self, *, grid: int, width: int, depth: int, heads: int, num_latent_tokens: int,
-                 num_padding: int, token_size: int, rngs: nnx.Rngs, dtype=jnp.float32):
+                 num_padding: int, token_size: int, rngs: nnx.Rngs, pos_init_std: float | None = None,
+                 dtype=jnp.float32):
         self.grid, self.width = grid, width
         self.num_latent_tokens, self.num_padding = num_latent_tokens, num_padding
         self.encoder_embed = layers.dense(token_size, width, ("channels", "embed"), rngs=rngs, dtype=dtype)
         self.ln_pre = vit.layer_norm(token_size, rngs=rngs)
-        self.positional_embedding = _pos(rngs, grid * grid, width)
-        self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width)
+        self.positional_embedding = _pos(rngs, grid * grid, width, pos_init_std)
+        self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width, pos_init_std)
         # (none without padding: orbax cannot save a zero-size array)
-        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width) if num_padding else None
+        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width, pos_init_std) if num_padding else None
         self.global_proj = layers.dense(width, width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.transformer = nnx.List([vit.QFormerLayer(width, heads, 4 * width, rngs=rngs, dtype=dtype)
                                      for _ in range(depth)])
@@ -269,15 +273,15 @@ class ViTDecoder(nnx.Module):
 
     def __init__(self, *, grid: int, width: int, depth: int, heads: int, num_latent_tokens: int,
                  num_padding: int, token_size: int, distill_depth: int | None, out_inner_dim: int,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 rngs: nnx.Rngs, pos_init_std: float | None = None, dtype=jnp.float32):
         self.grid, self.width, self.num_latent_tokens = grid, width, num_latent_tokens
         self.distill_depth = distill_depth
         self.decoder_embed = layers.dense(token_size, width, ("channels", "embed"), rngs=rngs, dtype=dtype)
         self.ln_pre = vit.layer_norm(token_size, rngs=rngs)
-        self.positional_embedding = _pos(rngs, grid * grid, width)
-        self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width)
+        self.positional_embedding = _pos(rngs, grid * grid, width, pos_init_std)
+        self.latent_token_positional_embedding = _pos(rngs, num_latent_tokens, width, pos_init_std)
         # (none without padding: orbax cannot save a zero-size array)
-        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width) if num_padding else None
+        self.latent_token_positional_embedding_comp = _pos(rngs, num_padding, width, pos_init_std) if num_padding else None
         self.transformer = nnx.List([vit.QFormerLayer(width, heads, 4 * width, rngs=rngs, dtype=dtype)
                                      for _ in range(depth)])
         self.ln_post = vit.layer_norm(width, rngs=rngs)
@@ -331,7 +335,8 @@ class ReTok(nnx.Module):
                  codebook_embed_dim: int, commitment_cost: float = 0.25, rot: bool = True,
                  adaptive_gn: bool = True, d2s_up: bool = True, unbiased_style_var: bool = True,
                  distill_depth: int | None = 3, out_inner_dim: int = 768, in_channels: int = 3,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 norm_groups: int = GROUPS, pos_init_std: float | None = None, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
         f = 2 ** (len(ch_mult) - 1)
         if image_size % f:
             raise ValueError(f"image_size={image_size} is not divisible by the CNN's downsampling factor {f}")
@@ -343,9 +348,9 @@ class ReTok(nnx.Module):
         ew, ed, eh = encoder_size
         dw, dd, dh = decoder_size
         self.encoder = CNNEncoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                                  in_channels=in_channels, rngs=rngs)
+                                  in_channels=in_channels, norm_groups=norm_groups, rngs=rngs)
         common = dict(grid=self.grid, num_latent_tokens=num_latent_tokens, num_padding=num_padding,
-                      token_size=z_channels, rngs=rngs, dtype=dtype)
+                      token_size=z_channels, rngs=rngs, pos_init_std=pos_init_std, dtype=dtype)
         self.s2to1encoder = ViTEncoder(width=ew, depth=ed, heads=eh, **common)
         self.quant_conv = layers.dense(z_channels, codebook_embed_dim, ("channels", None), rngs=rngs)
         self.quantize = quantizers.VectorQuantizer(
@@ -357,7 +362,7 @@ class ReTok(nnx.Module):
                                        out_inner_dim=out_inner_dim, **common)
         self.decoder = CNNDecoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
                                   out_channels=in_channels, adaptive_gn=adaptive_gn, d2s_up=d2s_up,
-                                  unbiased_style_var=unbiased_style_var, rngs=rngs)
+                                  unbiased_style_var=unbiased_style_var, norm_groups=norm_groups, rngs=rngs)
 
     def encode_continuous(self, images):
         """images (B, H, W, C) in [-1, 1] -> (CNN features S (B, g, g, z), latents entering the
@@ -435,11 +440,7 @@ def params_from_torch(state_dict, kwargs) -> dict:
 
 
 def merge(kwargs, params) -> ReTok:
-    abstract = nnx.eval_shape(lambda: ReTok(**kwargs, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    state = jax.tree.map(lambda v: v, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    return merge_module(nnx.eval_shape(lambda: ReTok(**kwargs, rngs=nnx.Rngs(0))), params)
 
 
 def _size_tables(meta) -> dict:
@@ -525,7 +526,9 @@ def model_kwargs(config) -> dict:
                 rot=bool(m.rot), adaptive_gn=bool(m.adaptive_gn), d2s_up=bool(m.d2s_up),
                 unbiased_style_var=bool(m.unbiased_style_var),
                 distill_depth=int(m.distill_depth) if int(m.distill_depth) > 0 else None,
-                out_inner_dim=int(m.out_inner_dim), in_channels=int(config.data.channels))
+                out_inner_dim=int(m.out_inner_dim), in_channels=int(config.data.channels),
+                norm_groups=int(m.get("norm_groups", GROUPS)),
+                pos_init_std=float(m.pos_init_std) if float(m.get("pos_init_std", 0.0)) > 0 else None)
 
 
 def import_retok(state_dict, config) -> dict:
@@ -615,9 +618,12 @@ class ReTokMethod(Method):
         if size % f:
             raise ValueError(f"config.data.image_size={size} is not divisible by 2^(len(config.model.ch_mult)-1)={f}")
         bad = sorted({int(m.ch) * int(v) for v in m.ch_mult} | {int(m.ch)})
-        if any(w % GROUPS for w in bad):
-            raise ValueError(f"config.model.ch={m.ch} x ch_mult={tuple(m.ch_mult)} gives widths {bad}: GroupNorm(32) "
-                             "needs multiples of 32")
+        groups = int(m.get("norm_groups", GROUPS))
+        if groups < 1 or any(w % groups for w in bad):
+            raise ValueError(f"config.model.ch={m.ch} x ch_mult={tuple(m.ch_mult)} gives widths {bad}: "
+                             f"GroupNorm(config.model.norm_groups={groups}) needs multiples of it")
+        if float(m.get("pos_init_std", 0.0)) < 0:
+            raise ValueError(f"config.model.pos_init_std={m.pos_init_std}: >= 0 (0 = upstream's width^-0.5)")
         for part in ("encoder", "decoder"):
             if int(m[part].width) % int(m[part].heads):
                 raise ValueError(f"config.model.{part}.width={m[part].width} is not divisible by heads={m[part].heads}")
@@ -804,7 +810,7 @@ class ReTokMethod(Method):
                 loss = loss + float(lc.vq_weight) * float(m.entropy_loss_ratio) * ent
                 out["entropy_loss"] = ent
             if float(lc.perceptual_weight) > 0:
-                p = jnp.mean(_merge_lpips(state["lpips"])(x, recon))
+                p = jnp.mean(merge_module(_lpips_abstract(), state["lpips"])(x, recon))
                 loss = loss + float(lc.perceptual_weight) * p
                 out["perceptual_loss"] = p
             fea = jnp.mean(jnp.square(jax.lax.stop_gradient(s) - rec_spatial))
@@ -836,11 +842,7 @@ class ReTokMethod(Method):
 _LPIPS_ABSTRACT: list = []
 
 
-def _merge_lpips(params):
-
+def _lpips_abstract():
     if not _LPIPS_ABSTRACT:
         _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
-    g, s, r = nnx.split(_LPIPS_ABSTRACT[0], nnx.Param, ...)
-    s = jax.tree.map(lambda v: v, s, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    nnx.replace_by_pure_dict(s, params)
-    return nnx.merge(g, s, r)
+    return _LPIPS_ABSTRACT[0]
