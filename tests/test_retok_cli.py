@@ -80,3 +80,17 @@ def test_bad_ks_name_the_flag(runs):
     with pytest.raises(SystemExit, match="--ks"):
         retok_cli.evaluate(workdirs[1:], "0,4", "/nonexistent-out", num_images=4, batch_size=4)
     assert retok_cli.parse_ks("", 16) == [1, 2, 4, 8, 16]
+
+
+def test_probe_measures_the_fixed_batch(tmp_path):
+    c = _config(12)
+    c.data.cache_dir = str(tmp_path / "data")
+    c.batch_size = 4
+    rows = retok_cli.probe(c, 2, one_batch=True, every=1)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(np.isfinite(v) for v in r.values()) and r["recon_var"] >= 0
+    from trainers import data
+
+    x = np.asarray(next(data.create_iterator(c, seed=0, global_batch_size=4))["image"], np.float64)
+    assert rows[0]["mean_image_mse"] == pytest.approx(np.mean((x - x.mean(0)) ** 2), rel=1e-4)

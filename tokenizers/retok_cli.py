@@ -15,6 +15,16 @@ equal steps (README, "ReTok").
 
 Prints one table (a row per k, columns per run) and writes ``OUT/quality_vs_k.json`` and
 ``OUT/reconstructions_<run>.png`` (originals first, then one row per k).
+
+    python -m tokenizers.retok_cli probe --config=configs/retok_ss.py:demo --steps=90 [--one_batch] \
+        [--config.model.norm_groups=32 ...]
+
+A short diagnostic run of the tokenizer's train step (no loop, no checkpoint): every ``steps / 6``
+steps, on one fixed batch, the reconstruction MSE from the first ``min_tokens`` and from all N tokens,
+the MSE of the batch's mean image (what a decoder that ignores its codes reaches) and the variance of
+the reconstructions across images (0 = the same output whatever the codes). ``--one_batch`` trains on
+that batch only (can the tokenizer overfit 16 digits?). The demo's norm_groups / pos_init_std
+choices (configs/retok_common.py) were found this way.
 """
 
 from __future__ import annotations
@@ -163,14 +173,77 @@ def evaluate(workdirs: list[str], ks_text: str, out: str, *, num_images: int = 1
     return plain
 
 
+def probe(config, steps: int, *, one_batch: bool = False, seed: int = 0, every: int = 0) -> list[dict]:
+    """Rows {step, l2_loss, code_perplexity, mse_min, mse_all, mean_image_mse, recon_var} (see the module
+    docstring); printed as json lines."""
+    import jax
+    import jax.numpy as jnp
+
+    from trainers import data
+    from trainers.method import get_method
+
+    config.num_steps = steps  # the lr schedule spans the probe
+    method = get_method(config)
+    m = config.model
+    small, n = int(m.min_tokens), int(m.num_latent_tokens)
+    state = method.init_train_state(jax.random.PRNGKey(seed))
+    it = data.create_iterator(config, seed=seed, global_batch_size=config.batch_size)
+    fixed = next(it)
+    fixed = {"image": jnp.asarray(fixed["image"]), "label": jnp.asarray(fixed["label"])}
+    step_fn = jax.jit(method.train_step, donate_argnums=0)
+
+    @jax.jit
+    def measure(params, rest, x):
+        model = method.model_def.merge(params, rest)
+        z_q = model.encode(x)[0]
+        out = {}
+        for name, k in (("min", small), ("all", n)):
+            rec = jnp.clip(model.decode(z_q, k), -1.0, 1.0)
+            out[f"mse_{name}"] = jnp.mean(jnp.square(rec - x))
+            if name == "all":
+                out["recon_var"] = jnp.mean(jnp.var(rec, axis=0))
+        out["mean_image_mse"] = jnp.mean(jnp.square(x - x.mean(0)))
+        return out
+
+    every = every or max(steps // 6, 1)
+    rows = []
+    for i in range(steps):
+        batch = fixed
+        if not one_batch:
+            b = next(it)
+            batch = {"image": jnp.asarray(b["image"]), "label": jnp.asarray(b["label"])}
+        state, aux = step_fn(state, batch, jax.random.fold_in(jax.random.PRNGKey(seed), i))
+        if (i + 1) % every == 0 or i + 1 == steps:
+            row = {"step": i + 1, "l2_loss": float(aux["l2_loss"]), "code_perplexity": float(aux["code_perplexity"])}
+            row.update({k: float(v) for k, v in measure(state["params"], state["rest"], fixed["image"]).items()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv):
     """python -m tokenizers.retok_cli evaluate --workdir=RUN [--workdir=RUN2 ...] --ks=1,2,4,all --out=OUT
-    [--num_images=1000] [--batch_size=32] [--folder=IMAGES] [--inception_weights=FILE]"""
+    [--num_images=1000] [--batch_size=32] [--folder=IMAGES] [--inception_weights=FILE]
+    python -m tokenizers.retok_cli probe --config=configs/retok_ss.py:demo --steps=90 [--one_batch]
+    [--config.FIELD=VALUE ...]"""
     from absl import flags
 
-    if len(argv) < 2 or argv[1] != "evaluate":
+    if len(argv) < 2 or argv[1] not in ("evaluate", "probe"):
         print(main.__doc__)
         return 2
+    if argv[1] == "probe":
+        from ml_collections import config_flags
+
+        config_flags.DEFINE_config_file("config", None, "a configs/retok_*.py config", lock_config=False)
+        flags.DEFINE_integer("steps", 90, "train steps")
+        flags.DEFINE_bool("one_batch", False, "train on the fixed measurement batch only")
+        flags.DEFINE_integer("seed", 0, "init and data seed")
+        f = flags.FLAGS
+        f([argv[0]] + argv[2:])
+        if f.config is None or f.config.model.name != "retok":
+            raise SystemExit("--config: a ReTok config (configs/retok_ss.py:demo, ...)")
+        probe(f.config, f.steps, one_batch=f.one_batch, seed=f.seed)
+        return 0
     flags.DEFINE_multi_string("workdir", None, "ReTok run(s); repeat the flag to compare runs", required=True)
     flags.DEFINE_string("out", None, "output directory", required=True)
     flags.DEFINE_string("ks", "", "comma-separated kept-token counts k, 'all' = N (default 1, 2, 4, ..., N)")
