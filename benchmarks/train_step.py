@@ -102,6 +102,21 @@ def _xla_flops(compiled) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
+def fusion_stats(compiled) -> tuple[int, int]:
+    """(instructions in the largest fused computation, instructions in all fused computations) of the
+    compiled step's HLO: the load-independent sign of the duplicated-gradient fusions (module docstring)."""
+    sizes, current = [], None
+    for line in compiled.as_text().splitlines():
+        if line.startswith("%") and "fus" in line.split(" ")[0] and line.rstrip().endswith("{"):
+            current = 0
+        elif current is not None and line.startswith("}"):
+            sizes.append(current)
+            current = None
+        elif current is not None and "=" in line:
+            current += 1
+    return (max(sizes) if sizes else 0), sum(sizes)
+
+
 def build(size: str, batch_size: int, remat: bool = False, barrier: bool = True):
     """(compiled train step, state, batch, config, n_params, xla_flops) as the loop builds them.
     ``barrier=False``: the DiT blocks' ``layers.grad_fusion_barrier`` replaced by the identity (the step
@@ -161,11 +176,20 @@ def make_matmul(m: int, k: int, n: int):
     jax.block_until_ready(f(a, b))
 
     def run() -> float:
-        start = time.perf_counter()
+        """Wall seconds of one call; its process CPU seconds are appended to ``run.cpu``."""
+        start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(f(a, b))
+        run.cpu.append(time.process_time() - cpu_start)
         return time.perf_counter() - start
 
+    run.cpu = []
     return run, 2.0 * m * k * n
+
+
+def cpu_ratio(model_flops: float, step_cpu: float, matmuls: dict) -> float:
+    """Model FLOPs per process-CPU second of the step / the best matmul FLOPs per process-CPU second: the
+    ratio with the shared machine's load taken out (a descheduled thread costs wall time, not CPU time)."""
+    return model_flops / step_cpu / max(flops / float(np.median(run.cpu)) for run, flops in matmuls.values())
 
 
 def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int, remat: bool = False,
@@ -206,7 +230,10 @@ def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int,
     first = next(iter(mm_rates))
     per_round = [model_flops / t / max(np.median(mm_rates[n][i * matmul_reps:(i + 1) * matmul_reps])
                                        for n in mm_rates) for i, t in enumerate(step_times)]
-    return dict(model=f"DiT-{size}/2" + (" remat" if remat else "") + ("" if barrier else " nobarrier"),
+    largest_fusion, fused_total = fusion_stats(compiled)
+    ratio_cpu = cpu_ratio(model_flops, float(np.median(cpu_times)), matmuls)
+    return dict(ratio_cpu=ratio_cpu, model=f"DiT-{size}/2" + (" remat" if remat else "") + ("" if barrier else " nobarrier"),
+                largest_fusion=largest_fusion, fused_total=fused_total,
                 cpu_step=float(np.median(cpu_times)), params=n_params, batch=batch_size, tokens=tokens, step=step,
                 step_min=float(step_times.min()), step_max=float(step_times.max()),
                 model_gflop=model_flops / 1e9, xla_gflop=xla_flops / 1e9, model_tflops=model_flops / step / 1e12,
@@ -276,9 +303,21 @@ def torch_dit_step(steps: int, warmup: int, batch: int) -> dict | None:
 
 
 TORCH_XAR = r"""
-import json, sys, time
+import json, sys, time, types
 sys.path.insert(0, sys.argv[1])  # the user's upstream checkout
 import torch
+# Upstream models/xar.py imports flash_attn (never called by the training forward, which uses
+# F.scaled_dot_product_attention) and moves its label-drop tensors with .cuda(): on a CPU-only machine
+# stand in an empty flash_attn module and make .cuda() the identity; nothing else of upstream changes.
+if "flash_attn" not in sys.modules:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("flash_attn")
+        stub.flash_attn_func = None
+        sys.modules["flash_attn"] = stub
+if not torch.cuda.is_available():
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 from models.xar import xAR
 width, heads, batch, steps, warmup = map(int, sys.argv[2:7])
 torch.manual_seed(0)
@@ -288,6 +327,7 @@ model = xAR(img_size=256, vae_stride=16, patch_size=1, encoder_embed_dim=width, 
             proj_dropout=0.1, diffusion_batch_mul=4, clusters=4)
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.02)
+ema = [p.detach().clone() for p in model.parameters()]
 x = torch.randn(batch, 16, 16, 16)
 y = torch.randint(0, 1000, (batch,))
 def step():
@@ -297,18 +337,26 @@ def step():
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    with torch.no_grad():  # upstream engine_xar.py update_ema
+        for e, p in zip(ema, model.parameters()):
+            e.mul_(0.9999).add_(p.detach(), alpha=1e-4)
+    return float(loss)
 for _ in range(warmup):
     step()
-times = []
+times, cpu = [], []
 for _ in range(steps):
-    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-times.sort()
-print(json.dumps({"step": times[len(times) // 2]}))
+    t0, c0 = time.perf_counter(), time.process_time(); step()
+    times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
+times.sort(); cpu.sort()
+print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "step": times[len(times) // 2],
+                  "cpu_step": cpu[len(cpu) // 2], "threads": torch.get_num_threads()}))
 """
 
 
 def torch_xar_step(ref_dir: Path, width: int, heads: int, batch: int, steps: int, warmup: int) -> dict | None:
-    """Median train-step time of upstream xAR (the user's checkout) at 256 tokens, depth 8+8, reduced width."""
+    """Median train-step time of upstream xAR (the user's checkout) at 256 tokens, depth 8+8, reduced width:
+    its own forward (label drop, logit-normal times, 4 cells, Noisy Context Learning loss), backward, clip,
+    AdamW (0.9, 0.96) and EMA, as engine_xar.py trains."""
     import json
     import subprocess
     import tempfile
@@ -324,9 +372,28 @@ def torch_xar_step(ref_dir: Path, width: int, heads: int, batch: int, steps: int
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def xar_step(width: int, heads: int, batch: int, steps: int, warmup: int) -> float:
-    """Median time of our loop's xAR-B-shaped train step (configs/xar_b.py, float32, reduced width)."""
+def xar_forward_flops(m, layout) -> float:
+    """Analytic forward FLOPs of one image through XARNet (matmuls + attention; module docstring's convention).
+
+    Per token: z_proj 2 C D, decoder_embed 2 D^2, pred 2 D C, and per block qkv 6 D^2 + proj 2 D^2 + the
+    gated MLP (hidden h = int(8 D / 3)) 6 D h; attention 4 T^2 D per block (the dense masked scores, as
+    both sides compute them); per entity: adaLN 12 D^2 per block and the time embedder 2*256 D + 2 D^2.
+    """
+    d, c = m.hidden_size, m.in_channels * m.patch_size ** 2
+    depth = m.encoder_depth + m.decoder_depth
+    h = int(d * m.mlp_ratio * 2 / 3)
+    t, e = layout.num_tokens, layout.num_entities
+    per_token = 2 * c * d + 2 * d * d + 2 * d * c + depth * (8 * d * d + 6 * d * h)
+    per_entity = depth * 12 * d * d + 2 * 256 * d + 2 * d * d
+    return float(t * per_token + depth * 4 * t * t * d + e * per_entity)
+
+
+def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmul_reps: int,
+              barrier: bool = True) -> dict:
+    """Our loop's xAR-B-shaped train step (configs/xar_b.py, float32, reduced width), built as ``_build``
+    builds DiT's, timed in rounds interleaved with the f32 matmuls (module docstring)."""
     from configs import xar_b
+    from models import layers
 
     config = xar_b.get_config()
     config.compute_dtype = "float32"
@@ -341,27 +408,60 @@ def xar_step(width: int, heads: int, batch: int, steps: int, warmup: int) -> flo
     shardings = state_shardings(jax.eval_shape(init, key), model_def, mesh)
     with sharding.use_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(key)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     train_step = make_train_step(method, model_def, tx, schedule, config.ema_rate)
 
     def step_fn(state, batch):
         with sharding.use_mesh(mesh):
             return train_step(state, batch)
 
-    compiled = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
+    p_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, sharding.replicated(mesh)),
+                     donate_argnums=(0,))
     rng = np.random.default_rng(0)
     data = {"latent": rng.standard_normal((batch, 16, 16, 16), np.float32),
             "label": rng.integers(0, 1000, (batch,)).astype(np.int32)}
-    for _ in range(warmup + 1):
+    data = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in data.items()}
+    real_barrier = layers.grad_fusion_barrier
+    if not barrier:
+        layers.grad_fusion_barrier = lambda x: x
+    try:
+        t0 = time.perf_counter()
+        compiled = p_step.lower(state, data).compile()
+        compile_s = time.perf_counter() - t0
+    finally:
+        layers.grad_fusion_barrier = real_barrier
+    layout = method.layout()
+    tokens = layout.num_tokens
+    h = int(width * config.model.mlp_ratio * 2 / 3)
+    matmuls = {"2048^3": make_matmul(2048, 2048, 2048),
+               f"{batch * tokens}x{width}x{h}": make_matmul(batch * tokens, width, h)}
+    for _ in range(max(1, warmup)):
         state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
-    times = []
+    jax.block_until_ready((state, metrics))
+    times, cpu, rates = [], [], {name: [] for name in matmuls}
     for _ in range(steps):
-        start = time.perf_counter()
+        for name, (run, flops) in matmuls.items():
+            rates[name].extend(flops / run() for _ in range(matmul_reps))
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, data)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        cpu.append(time.process_time() - cpu_start)
+    for name, (run, flops) in matmuls.items():
+        rates[name].extend(flops / run() for _ in range(matmul_reps))
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise RuntimeError(f"xAR: non-finite loss {loss}")
+    step = float(np.median(times))
+    model_flops = 3.0 * xar_forward_flops(config.model, layout) * batch
+    mm = {name: float(np.median(r)) for name, r in rates.items()}
+    peak = max(mm.values())
+    largest_fusion, fused_total = fusion_stats(compiled)
+    return dict(ratio_cpu=cpu_ratio(model_flops, float(np.median(cpu)), matmuls), model="xAR" + ("" if barrier else " nobarrier"), params=n_params, step=step,
+                largest_fusion=largest_fusion, fused_total=fused_total,
+                cpu_step=float(np.median(cpu)), model_gflop=model_flops / 1e9, xla_gflop=_xla_flops(compiled) / 1e9,
+                mm=mm, mm_tflops=peak / 1e12, model_tflops=model_flops / step / 1e12,
+                ratio=model_flops / step / peak, compile_s=compile_s, loss=loss, batch=batch, tokens=tokens)
 
 
 def main():
@@ -388,6 +488,10 @@ def main():
     parser.add_argument("--xar_width", type=int, default=128, help="xAR width for the side-by-side (reduced)")
     parser.add_argument("--xar_heads", type=int, default=2)
     parser.add_argument("--xar_batch", type=int, default=8)
+    parser.add_argument("--xar", default="on", choices=("on", "off"), help="time our xAR step (and upstream's "
+                        "with --torch_ref)")
+    parser.add_argument("--xar_barrier", default="on",
+                        help="layers.grad_fusion_barrier in the xAR blocks: on, off or off,on (side by side)")
     args = parser.parse_args()
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
@@ -407,22 +511,24 @@ def main():
         mm = ", ".join(f"{n}: {v / 1e9:.1f} GFLOP/s ({r['mm_spread'][n][0] / 1e9:.1f}..{r['mm_spread'][n][1] / 1e9:.1f})"
                        for n, v in r["mm"].items())
         print(f"{r['model']}: {r['params'] / 1e6:.1f}M params, {r['tokens']} tokens, batch {r['batch']}; "
-              f"compile {r['compile_s']:.1f} s; loss {r['loss']:.3f}\n"
+              f"compile {r['compile_s']:.1f} s; loss {r['loss']:.3f}; largest fusion {r['largest_fusion']} "
+              f"instructions ({r['fused_total']} in all fusions)\n"
               f"  step {r['step'] * 1e3:.0f} ms median ({r['step_min'] * 1e3:.0f}..{r['step_max'] * 1e3:.0f}), "
               f"{r['cpu_step']:.2f} s process CPU time; "
               f"model {r['model_gflop']:.1f} GFLOP/step (analytic), XLA cost_analysis {r['xla_gflop']:.1f} GFLOP/step "
               f"-> {r['xla_tflops'] * 1e3:.1f} GFLOP/s\n"
               f"  matmul f32 median (min..max): {mm}\n"
-              f"  ratio per round (min..max): {r['ratio_rounds'][0]:.2f}..{r['ratio_rounds'][1]:.2f}", flush=True)
+              f"  ratio per round (min..max): {r['ratio_rounds'][0]:.2f}..{r['ratio_rounds'][1]:.2f}; per process-CPU "
+              f"second {r['ratio_cpu']:.2f}", flush=True)
 
     print()
     header = (f"{'model':<19} {'batch':>5} {'step ms':>9} {'CPU s':>6} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} "
-              f"{'ratio':>6}")
+              f"{'ratio':>6} {'CPU-s ratio':>11}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['model']:<19} {r['batch']:>5} {r['step'] * 1e3:>9.0f} {r['cpu_step']:>6.2f} {r['model_tflops']:>14.4f} "
-              f"{r['mm_tflops']:>15.4f} {r['ratio']:>6.2f}")
+              f"{r['mm_tflops']:>15.4f} {r['ratio']:>6.2f} {r['ratio_cpu']:>11.2f}")
 
     if args.torch == "on" and "S" in sizes:
         ref = torch_dit_step(max(2, args.steps), args.warmup, args.batch_s)
@@ -438,16 +544,32 @@ def main():
         if not (ref_dir / "models" / "xar.py").exists():
             raise SystemExit(f"--torch_ref={ref_dir}: no models/xar.py there; pass a local checkout of upstream "
                              "OliverRensu/xAR")
-        ours = xar_step(args.xar_width, args.xar_heads, args.xar_batch, args.steps, args.warmup)
-        ref = torch_xar_step(ref_dir, args.xar_width, args.xar_heads, args.xar_batch, max(2, args.steps), args.warmup)
-        if ref is not None:
-            print(f"\nxAR (256 tokens, 4 cells of 8x8, depth 8+8, width {args.xar_width}, batch {args.xar_batch}): "
-                  f"ours {ours * 1e3:.0f} ms / upstream {ref['step'] * 1e3:.0f} ms = {ours / ref['step']:.2f} "
-                  "(target <= 0.8)")
-    else:
+    xar_barriers = [{"off": False, "on": True}[v.strip()] for v in args.xar_barrier.split(",") if v.strip()]
+    xar_rows = [xar_bench(args.xar_width, args.xar_heads, args.xar_batch, args.steps, args.warmup,
+                          args.matmul_reps, barrier) for barrier in xar_barriers] if args.xar == "on" else []
+    for r in xar_rows:
+        mm = ", ".join(f"{n}: {v / 1e9:.1f} GFLOP/s" for n, v in r["mm"].items())
+        print(f"\n{r['model']} (256 tokens, 4 cells of 8x8, depth 8+8, width {args.xar_width}, "
+              f"{args.xar_heads} heads, batch {r['batch']}, f32): {r['params'] / 1e6:.1f}M params; "
+              f"compile {r['compile_s']:.1f} s; loss {r['loss']:.3f}; largest fusion {r['largest_fusion']} "
+              f"instructions ({r['fused_total']} in all fusions)\n"
+              f"  step {r['step'] * 1e3:.0f} ms median, {r['cpu_step']:.2f} s process CPU time; model "
+              f"{r['model_gflop']:.1f} GFLOP/step (analytic), XLA {r['xla_gflop']:.1f}; matmul f32 median: {mm}\n"
+              f"  model FLOP/s / matmul FLOP/s = {r['model_tflops'] * 1e3:.1f} / {r['mm_tflops'] * 1e3:.1f} GFLOP/s "
+              f"= {r['ratio']:.2f} (target >= 0.6); per process-CPU second {r['ratio_cpu']:.2f}", flush=True)
+    if xar_rows and args.torch_ref:
+        ref = torch_xar_step(ref_dir, args.xar_width, args.xar_heads, args.xar_batch, max(2, args.steps),
+                             args.warmup)
+        for ours in xar_rows if ref is not None else []:
+            print(f"\n{ours['model']} batch {args.xar_batch}: ours {ours['step'] * 1e3:.0f} ms "
+                  f"({ours['params'] / 1e6:.2f}M params) / upstream xAR {ref['step'] * 1e3:.0f} ms "
+                  f"({ref['params'] / 1e6:.2f}M params, torch {ref['threads']} threads) = "
+                  f"{ours['step'] / ref['step']:.2f} (target <= 0.8); process CPU time {ours['cpu_step']:.2f} s / "
+                  f"{ref['cpu_step']:.2f} s = {ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s "
+                  f"{ours['model_gflop'] / ref['step']:.1f} GFLOP/s", flush=True)
+    elif xar_rows:
         print("\nxAR: no --torch_ref=PATH given (a local checkout of upstream OliverRensu/xAR, which has no "
               "package); the upstream xAR step is not timed")
-
 
 if __name__ == "__main__":
     main()

@@ -66,6 +66,10 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         # softmax-attention kernel (models/layers.py ATTENTION_IMPLS): auto = cuDNN flash on GPU with
         # bfloat16 compute, Pallas splash on TPU, the XLA reference otherwise
         attention_impl="auto",
+        # the network's output (models/xar.py PREDICTIONS): "v" the velocity (upstream), "x" the clean tokens
+        prediction="v",
+        # training times t = sigmoid(N(mean, std)) per entity, t = 1 the noise (upstream: logit-normal(0, 1))
+        time_logit_mean=0.0, time_logit_std=1.0,
     ))
     c.compute_dtype = "bfloat16"  # accelerator runs: bf16 compute; params, AdamW state and norms stay f32
     # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_xar.py), flips cached;
@@ -91,6 +95,8 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.sample.method = "euler_maruyama"  # "euler_maruyama" | "euler" | "heun"
     c.sample.num_steps, c.sample.cfg_scale = SAMPLING[size]
     c.sample.use_cache = True  # KV cache of finished entities (same samples as without, faster)
+    c.sample.cfg_schedule = "linear"  # guidance 1 -> cfg over the entities (upstream); "constant": cfg for all
+    c.sample.guidance_low, c.sample.guidance_high = 0.0, 1.0  # guide at times low <= t <= high (upstream: always)
     if demo:
         # Pixel space on the embedded MNIST digits: 32x32x1, patch 8 -> a 4x4 grid of 64-channel tokens,
         # 4 cells of 2x2 tokens (upstream's 4-cell structure; each cell is a 16x16-pixel quadrant).

@@ -39,6 +39,15 @@ from trainers.method import Method, check_data_shape
 
 ENTITIES = ("token", "cell", "subsample", "scale", "image")
 SAMPLERS = ("euler_maruyama", "euler", "heun")
+# Guidance over the entities: "linear" ramps 1 -> cfg (upstream sample_tokens: the first entity unguided),
+# "constant" guides every entity at cfg (an implementation choice, config.sample.cfg_schedule).
+CFG_SCHEDULES = ("linear", "constant")
+# What the network's output is (config.model.prediction): "v" the velocity eps - x (upstream), or "x" the
+# clean tokens, turned into the velocity (z - x) / max(t, PREDICTION_T_MIN) for the same loss and samplers
+# (JiT, Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"; an implementation choice
+# for pixel-space tokens, whose clean values lie on a low-dimensional manifold of the token space).
+PREDICTIONS = ("v", "x")
+PREDICTION_T_MIN = 0.05
 
 
 # ----------------------------------------------------------------------------- the entity X
@@ -211,6 +220,7 @@ class Block(nnx.Module):
         weights, after the attention projection, after the MLP's gate product and after its fc2.
         """
         rngs = [None] * 4 if dropout_rng is None else list(jax.random.split(dropout_rng, 4))
+        x = layers.grad_fusion_barrier(x)  # XLA:CPU: materialise the residual gradient (benchmarks/train_step.py)
         ada = jnp.take(self.ada_lin(nnx.silu(cond)), row_entity, axis=1)  # per entity, then broadcast
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada.astype(x.dtype), 6, axis=-1)
         attn = self.attn(layers.rms_norm(x) * (1 + scale1) + shift1, mask=mask, rope=rope, kv_cache=kv_cache,
@@ -230,11 +240,14 @@ class XARNet(nnx.Module):
     def __init__(self, *, layout: Layout, token_dim: int, hidden_size: int, encoder_depth: int,
                  decoder_depth: int, num_heads: int, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  class_dropout_prob: float = 0.1, attn_dropout: float = 0.0, proj_dropout: float = 0.0,
-                 rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla"):
+                 rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla", prediction: str = "v"):
         head_dim = hidden_size // num_heads
         if hidden_size % num_heads or head_dim % 4:
             raise ValueError(f"hidden_size={hidden_size} / num_heads={num_heads} must give a head dim divisible "
                              "by 4 (2-D RoPE rotates channel pairs on two axes)")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r}: must be one of {PREDICTIONS}")
+        self.prediction = prediction
         self.layout = layout
         self.token_dim = token_dim
         self.num_classes = num_classes
@@ -331,6 +344,9 @@ class XARNet(nnx.Module):
             h = constrain(h, ("act_batch", "act_len", "act_embed"))
             new_kv.append(kv)
         out = self.pred(self.decoder_norm(h)).astype(jnp.float32)
+        if self.prediction == "x":  # clean tokens -> velocity of the linear path z = (1 - t) x + t eps
+            t_row = jnp.take(t.astype(jnp.float32), row_entity, axis=1)[..., None]
+            out = (x.astype(jnp.float32) - out) / jnp.maximum(t_row, PREDICTION_T_MIN)
         return (out, new_kv) if return_kv else out
 
 
@@ -356,9 +372,12 @@ def noisy_context_terms(model: XARNet, x: jax.Array, labels: jax.Array, t: jax.A
 
 
 # ----------------------------------------------------------------------------- the sampler
-def cfg_ramp(cfg_scale: float, entity: jax.Array, num_entities: int) -> jax.Array:
-    """Guidance scale of entity e: 1 -> cfg linearly over entities (upstream xAR.sample_tokens)."""
-    if num_entities == 1:
+def cfg_ramp(cfg_scale: float, entity: jax.Array, num_entities: int, schedule: str = "linear") -> jax.Array:
+    """Guidance scale of entity e: 1 -> cfg linearly over entities (upstream xAR.sample_tokens), or cfg for
+    every entity with ``schedule="constant"``."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg schedule {schedule!r}: must be one of {CFG_SCHEDULES}")
+    if num_entities == 1 or schedule == "constant":
         return jnp.asarray(cfg_scale, jnp.float32)
     return (cfg_scale - 1.0) * entity / (num_entities - 1.0) + 1.0
 
@@ -417,6 +436,10 @@ class XAR(Method):
         if m.get("attention_impl", "xla") not in layers.ATTENTION_IMPLS:
             raise ValueError(f"config.model.attention_impl={m.attention_impl!r}: must be one of "
                              f"{layers.ATTENTION_IMPLS}")
+        if m.get("prediction", "v") not in PREDICTIONS:
+            raise ValueError(f"config.model.prediction={m.prediction!r}: must be one of {PREDICTIONS}")
+        if m.get("time_logit_std", 1.0) <= 0:
+            raise ValueError(f"config.model.time_logit_std={m.time_logit_std}: must be > 0")
         for field in ("attn_dropout", "proj_dropout", "class_dropout_prob"):
             if not 0.0 <= m[field] < 1.0:
                 raise ValueError(f"config.model.{field}={m[field]}: must be in [0, 1)")
@@ -424,6 +447,11 @@ class XAR(Method):
             raise ValueError(f"config.sample.method={s.method!r}: must be one of {SAMPLERS}")
         if s.num_steps < 1:
             raise ValueError(f"config.sample.num_steps={s.num_steps}: must be >= 1")
+        if not 0.0 <= s.get("guidance_low", 0.0) <= s.get("guidance_high", 1.0) <= 1.0:
+            raise ValueError(f"config.sample.guidance_low={s.guidance_low} / guidance_high={s.guidance_high}: need "
+                             "0 <= low <= high <= 1 (the times t at which guidance applies)")
+        if s.get("cfg_schedule", "linear") not in CFG_SCHEDULES:
+            raise ValueError(f"config.sample.cfg_schedule={s.cfg_schedule!r}: must be one of {CFG_SCHEDULES}")
         check_data_shape(config)
 
     def create_model(self, rngs: nnx.Rngs) -> XARNet:
@@ -432,7 +460,8 @@ class XAR(Method):
                       encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth, num_heads=m.num_heads,
                       mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
                       attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, rngs=rngs,
-                      dtype=jnp.dtype(self.config.compute_dtype), attention_impl=m.get("attention_impl", "xla"))
+                      dtype=jnp.dtype(self.config.compute_dtype), attention_impl=m.get("attention_impl", "xla"),
+                      prediction=m.get("prediction", "v"))
 
     def to_tokens(self, model: XARNet, x: jax.Array) -> jax.Array:
         """(B, H, W, C) image or latent -> (B, N, p*p*C) token sequence."""
@@ -449,30 +478,37 @@ class XAR(Method):
         x_data = batch["latent"] if "latent" in batch else batch["image"]
         rng_t, rng_noise, rng_drop, rng_dropout = jax.random.split(rng, 4)
         x = self.to_tokens(model, x_data.astype(jnp.float32))
-        t = sample_logit_normal(rng_t, (x.shape[0], model.layout.num_entities))
+        m = self.config.model
+        t = sample_logit_normal(rng_t, (x.shape[0], model.layout.num_entities), m.get("time_logit_mean", 0.0),
+                                m.get("time_logit_std", 1.0))
         noise = jax.random.normal(rng_noise, x.shape)
         labels = model.class_emb.drop_labels(batch["label"], rng_drop)
         _, _, _, loss = noisy_context_terms(model, x, labels, t, noise, dropout_rng=rng_dropout)
         return loss, {"loss": loss}
 
     def sample(self, model: XARNet, rng: jax.Array, labels: jax.Array, *, num_steps: int | None = None,
-               cfg_scale: float | None = None, method: str | None = None, use_cache: bool | None = None
+               cfg_scale: float | None = None, method: str | None = None, use_cache: bool | None = None,
+               cfg_schedule: str | None = None, guidance_interval: tuple[float, float] | None = None
                ) -> jax.Array:
         """Entity-by-entity generation; returns (B, H, W, C) in the data's space."""
         s = self.config.sample
         tokens = sample_tokens(
             model, rng, labels, num_steps=num_steps or s.num_steps,
             cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale, method=method or s.method,
-            use_cache=s.use_cache if use_cache is None else use_cache)
+            use_cache=s.use_cache if use_cache is None else use_cache,
+            cfg_schedule=cfg_schedule or s.get("cfg_schedule", "linear"),
+            guidance_interval=guidance_interval or (s.get("guidance_low", 0.0), s.get("guidance_high", 1.0)))
         return self.from_tokens(model, tokens)
 
 
 def sample_tokens(model: XARNet, rng: jax.Array, labels: jax.Array, *, num_steps: int, cfg_scale: float,
-                  method: str = "euler_maruyama", use_cache: bool = True, guided: bool | None = None) -> jax.Array:
+                  method: str = "euler_maruyama", use_cache: bool = True, guided: bool | None = None,
+                  cfg_schedule: str = "linear", guidance_interval: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
     """(B, N, C) tokens generated entity by entity.
 
     ``guided`` runs the [cond; uncond] doubled batch (default: cfg_scale != 1); as upstream, an entity whose
-    ramped scale is <= 1 takes the conditional drift. With ``use_cache`` each finished entity is run once at
+    ramped scale is <= 1 takes the conditional drift, and so does a solver step at a time t outside
+    ``guidance_interval`` (upstream sampler.py guidance_low <= t <= guidance_high, default always). With ``use_cache`` each finished entity is run once at
     t = 0 and its keys/values stored; without it, every solver step runs the whole sequence (finished
     entities at t = 0; later ones, which the entity-causal mask hides, as zeros at t = 1).
     """
@@ -488,11 +524,13 @@ def sample_tokens(model: XARNet, rng: jax.Array, labels: jax.Array, *, num_steps
     head_dim = model.head_dim
     double = (lambda a: jnp.concatenate([a, a])) if guided else (lambda a: a)
 
-    def guide(d, scale):
+    low, high = guidance_interval
+
+    def guide(d, scale, t):
         if not guided:
             return d
         cond, uncond = jnp.split(d, 2)
-        return jnp.where(scale > 1.0, uncond + scale * (cond - uncond), cond)
+        return jnp.where((scale > 1.0) & (t >= low) & (t <= high), uncond + scale * (cond - uncond), cond)
 
     tokens = jnp.zeros((b, n_tok, c), jnp.float32)
     caches = None
@@ -508,7 +546,7 @@ def sample_tokens(model: XARNet, rng: jax.Array, labels: jax.Array, *, num_steps
             e = first + j
             start = jnp.asarray(layout.entity_start)[e]
             token_index = start + jnp.arange(size)
-            scale = cfg_ramp(cfg_scale, e, n_ent)
+            scale = cfg_ramp(cfg_scale, e, n_ent, cfg_schedule)
             key = jax.random.fold_in(rng, e)
 
             def velocity(x, t):
@@ -541,22 +579,22 @@ def solve(method, velocity, guide, scale, x, ts, key, double):
     if method == "euler_maruyama":
         def em_step(x, i):
             t, dt = ts[i], ts[i + 1] - ts[i]
-            d = guide(em_drift(velocity(x, t), double(x), t), scale)
+            d = guide(em_drift(velocity(x, t), double(x), t), scale, t)
             eps = jax.random.normal(jax.random.fold_in(key, i + 1), x.shape)
             # dW = eps sqrt|dt|, diffusion g = sqrt(2t) (upstream compute_diffusion)
             return x + d * dt + jnp.sqrt(2 * t) * jnp.sqrt(jnp.abs(dt)) * eps, None
 
         x, _ = jax.lax.scan(em_step, x, jnp.arange(num - 1))
         t, dt = ts[num - 1], ts[num] - ts[num - 1]
-        return x + dt * guide(em_drift(velocity(x, t), double(x), t), scale)  # last step without noise
+        return x + dt * guide(em_drift(velocity(x, t), double(x), t), scale, t)  # last step without noise
 
     def ode_step(x, i):
         t, t_next = ts[i], ts[i + 1]
-        d0 = guide(velocity(x, t), scale)
+        d0 = guide(velocity(x, t), scale, t)
         x_euler = x + (t_next - t) * d0
         if method == "euler":
             return x_euler, None
-        d1 = guide(velocity(x_euler, t_next), scale)  # Heun: trapezoid on the two slopes
+        d1 = guide(velocity(x_euler, t_next), scale, t_next)  # Heun: trapezoid on the two slopes
         return x + (t_next - t) * 0.5 * (d0 + d1), None
 
     x, _ = jax.lax.scan(ode_step, x, jnp.arange(num))

@@ -317,6 +317,44 @@ def test_euler_maruyama_grid_and_cfg_ramp_follow_upstream():
     assert grid[0] == 1.0 and grid[-2] == pytest.approx(0.04) and grid[-1] == 0.0 and len(grid) == 41
     ramp = [float(xar.cfg_ramp(2.7, e, 4)) for e in range(4)]
     np.testing.assert_allclose(ramp, [1.0, 1.0 + 1.7 / 3, 1.0 + 3.4 / 3, 2.7], rtol=1e-6)
+    # the implementation choice "constant" guides every entity, the first one too
+    np.testing.assert_allclose([float(xar.cfg_ramp(2.7, e, 4, "constant")) for e in range(4)], [2.7] * 4)
+    with pytest.raises(ValueError, match="cfg schedule"):
+        xar.cfg_ramp(2.7, 0, 4, "cosine")
+
+
+def test_constant_cfg_schedule_and_guidance_interval(tiny):
+    """Upstream's ramp leaves the first cell unguided, "constant" guides it; outside the guidance interval
+    (upstream guidance_low/high) a step takes the conditional drift."""
+    _, _, model = tiny
+    labels = jnp.array([1, 2], jnp.int32)
+    linear = _sample(model, labels, num_steps=3, cfg_scale=3.0)
+    constant = _sample(model, labels, num_steps=3, cfg_scale=3.0, cfg_schedule="constant")
+    assert np.abs(linear[:, :4] - constant[:, :4]).max() > 1e-3  # cell 0: scale 1 vs 3
+    # no solver time (1, 0.52, 0.04) lies in [0.9, 0.95]: every cell conditional, as cell 0 of the ramp
+    never = _sample(model, labels, num_steps=3, cfg_scale=3.0, cfg_schedule="constant", guidance_interval=(0.9, 0.95))
+    np.testing.assert_allclose(never[:, :4], linear[:, :4], atol=1e-5, rtol=0)
+    assert np.abs(never[:, 4:] - linear[:, 4:]).max() > 1e-3
+
+
+def test_x_prediction_is_the_velocity_of_the_predicted_clean_tokens(tiny):
+    """config.model.prediction="x": the same network's output read as clean tokens, v = (z - x) / max(t, t_min)."""
+    config, method, model = tiny
+    config = config.copy_and_resolve_references()
+    config.model.prediction = "x"
+    x_model = get_method(config).create_model(nnx.Rngs(0))
+    nnx.update(x_model, nnx.state(model, nnx.Param))
+    z = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4))
+    t = jnp.array([[0.01, 0.3, 0.6, 1.0], [0.2, 0.4, 0.5, 0.9]])
+    y = jnp.array([1, 2])
+    out = jitted(lambda m, z, t, y: m(z, t, y), model)(z, t, y)  # prediction "v": the raw output
+    v = jitted(lambda m, z, t, y: m(z, t, y), x_model)(z, t, y)
+    t_tok = jnp.repeat(jnp.maximum(t, xar.PREDICTION_T_MIN), 4, axis=1)[..., None]
+    np.testing.assert_allclose(v, (z - out) / t_tok, rtol=1e-5, atol=1e-5)
+    bad = config.copy_and_resolve_references()
+    bad.model.prediction = "eps"
+    with pytest.raises(ValueError, match="config.model.prediction"):
+        get_method(bad).validate_config(bad)
 
 
 # ----------------------------------------------------------------------------- the demo trains end to end
