@@ -27,6 +27,9 @@ The text-vs-no-text measurement (README; one job at a time), for K in 8, 16, 32:
     python -m trainers.main --config=configs/textok_32.py:demo,quick,tK,notext --workdir=W/tK_notext
     python -m tokenizers.textok evaluate --workdir=W/t8,W/t8_notext,W/t16,W/t16_notext,W/t32,W/t32_notext
 
+longer runs: the same trainers.main command with ``--config.num_steps=1800`` (on a copy of a 600-step
+workdir it resumes there; the lr is constant, so a resumed run equals a longer one), then evaluate;
+
 and the generator on each 8-token tokenizer (V = t8 or t8_notext; S = 1 / the printed latent std):
 
     python -m trainers.cache_latents --tokenizer_workdir=W/V --out=W/tokens_V
