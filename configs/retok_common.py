@@ -17,7 +17,12 @@ so on the digits it compares padding + nested dropout over N + M with nested dro
 
     python -m trainers.main --config=configs/retok_ss.py:demo --workdir=RETOK
     python -m trainers.main --config=configs/retok_ss.py:demo,baseline --workdir=BASE
-    python -m tokenizers.retok_cli evaluate --workdir=RETOK --workdir=BASE --ks=1,2,4,8,16,32,64 --out=OUT
+    python -m tokenizers.retok_cli evaluate --workdir=RETOK --workdir=BASE --ks=1,2,4,8,16,32,64,96,120 \
+        --num_images=500 --out=OUT
+
+Measured (320 steps each, 500 digits; PSNR dB ReTok / baseline): k=2 11.35 / 12.52, k=8 13.07 / 13.27,
+k=16 13.52 / 13.42, k=64 13.72 / 13.37 (MNIST-rFID 780 / 963): the baseline packs more into the first
+tokens, ReTok's later tokens carry more (+0.65 dB from k=8 to 64 against +0.10).
 """
 
 from __future__ import annotations
