@@ -42,40 +42,20 @@ from flax import nnx
 
 from models import layers
 from models.pretrained import merge_module, regex_rename, torch_to_params
-from tokenizers import losses, quantizers, vit
-from tokenizers.kl_vae import Downsample, ResnetBlock, Upsample, conv, group_norm
+from tokenizers import losses, quantizers, vit, vq_cnn
+from tokenizers.kl_vae import conv, group_norm
 from trainers.method import Method, ModelDef
 
 # Upstream's ViTEncoder/ViTDecoder size tables (blocks.py): width, layers, heads. GigaTok's "small" has
 # 6 layers (not TiTok's 8).
 VIT_SIZES = {"tiny": (256, 4, 4), "small": (512, 6, 8), "base": (768, 12, 12), "large": (1024, 24, 16),
              "xl": (1280, 36, 20), "xxl": (1536, 48, 24)}
-GROUPS = 32  # upstream's Normalize(): GroupNorm(32, eps 1e-6), hard-coded (``norm_groups``)
+GROUPS = vq_cnn.GROUPS  # upstream's Normalize(): GroupNorm(32, eps 1e-6), hard-coded (``norm_groups``)
 
 
 # ----------------------------------------------------------------------------
 # CNN encoder and decoder
 # ----------------------------------------------------------------------------
-
-
-def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
-    """(B, H, W, b*b*C) -> (B, b*H, b*W, C) in upstream's DCR order: channel index = (i*b + j)*C + c
-    for output pixel (b*h + i, b*w + j) (torch ``view(B, b, b, C, H, W).permute(0, 3, 4, 1, 5, 2)``;
-    not ``pixel_shuffle``)."""
-    b_, h, w, c4 = x.shape
-    c = c4 // (block * block)
-    x = x.reshape(b_, h, w, block, block, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b_, h * block, w * block, c)
-
-
-class D2SUpsampler(nnx.Module):
-    """3x3 conv C -> 4C, then depth-to-space (upstream ``D2SUpsampler``)."""
-
-    def __init__(self, ch: int, rngs: nnx.Rngs):
-        self.conv1 = conv(ch, 4 * ch, 3, rngs)
-
-    def __call__(self, x):
-        return depth_to_space(self.conv1(x), 2)
 
 
 class AdaptiveGroupNorm(nnx.Module):
@@ -101,57 +81,6 @@ class AdaptiveGroupNorm(nnx.Module):
         return self.gn(x) * scale + bias
 
 
-class EncoderLevel(nnx.Module):
-    def __init__(self, in_ch, out_ch, num_blocks, downsample: bool, rngs, groups: int = GROUPS):
-        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, rngs)
-                             for i in range(num_blocks)])
-        self.downsample = Downsample(out_ch, rngs) if downsample else None
-
-    def __call__(self, x):
-        for block in self.res:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class CNNEncoder(nnx.Module):
-    """Image (B, H, W, C) -> (B, H/f, W/f, z_channels), f = 2^(levels - 1) (upstream ``Encoder``,
-    ``use_attn=False``)."""
-
-    def __init__(self, *, ch: int, ch_mult, num_res_blocks: int, z_channels: int, in_channels: int = 3,
-                 norm_groups: int = GROUPS, rngs: nnx.Rngs):
-        g = norm_groups
-        self.conv_in = conv(in_channels, ch, 3, rngs)
-        levels, prev = [], ch
-        for i, m in enumerate(ch_mult):
-            levels.append(EncoderLevel(prev, ch * m, num_res_blocks, i != len(ch_mult) - 1, rngs, g))
-            prev = ch * m
-        self.conv_blocks = nnx.List(levels)
-        self.mid = nnx.List([ResnetBlock(prev, prev, g, rngs), ResnetBlock(prev, prev, g, rngs)])
-        self.norm_out = group_norm(prev, g, rngs)
-        self.conv_out = conv(prev, z_channels, 3, rngs)
-
-    def __call__(self, x):
-        h = self.conv_in(x)
-        for level in self.conv_blocks:
-            h = level(h)
-        for block in self.mid:
-            h = block(h)
-        return self.conv_out(nnx.swish(self.norm_out(h)))
-
-
-class DecoderLevel(nnx.Module):
-    def __init__(self, in_ch, out_ch, num_blocks, upsample: str | None, rngs, groups: int = GROUPS):
-        self.res = nnx.List([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, rngs)
-                             for i in range(num_blocks)])
-        self.upsample = {None: lambda: None, "d2s": lambda: D2SUpsampler(out_ch, rngs),
-                         "nearest": lambda: Upsample(out_ch, rngs)}[upsample]()
-
-    def __call__(self, x):
-        for block in self.res:
-            x = block(x)
-        return x if self.upsample is None else self.upsample(x)
-
-
 class CNNDecoder(nnx.Module):
     """(B, g, g, z_channels) -> image (B, f*g, f*g, 3) (upstream ``Decoder``: ``num_res_blocks + 1``
     blocks per level, adaptive GroupNorm before each level, depth-to-space upsampling)."""
@@ -162,15 +91,14 @@ class CNNDecoder(nnx.Module):
         g = norm_groups
         block_in = ch * ch_mult[-1]
         self.conv_in = conv(z_channels, block_in, 3, rngs)
-        self.mid = nnx.List([ResnetBlock(block_in, block_in, g, rngs),
-                             ResnetBlock(block_in, block_in, g, rngs)])
+        self.mid = vq_cnn.mid_blocks(block_in, attn=False, groups=g, rngs=rngs)
         levels, adaptive = [], []
         for i_level in reversed(range(len(ch_mult))):
             out = ch * ch_mult[i_level]
             if adaptive_gn:
                 adaptive.append(AdaptiveGroupNorm(z_channels, block_in, rngs, unbiased=unbiased_style_var, groups=g))
-            up = None if i_level == 0 else ("d2s" if d2s_up else "nearest")
-            levels.append(DecoderLevel(block_in, out, num_res_blocks + 1, up, rngs, g))
+            up = None if i_level == 0 else ("d2s" if d2s_up else "up")
+            levels.append(vq_cnn.ConvLevel(block_in, out, num_res_blocks + 1, resample=up, groups=g, rngs=rngs))
             block_in = out
         self.conv_blocks = nnx.List(levels)
         self.adaptive = nnx.List(adaptive) if adaptive_gn else None
@@ -178,9 +106,7 @@ class CNNDecoder(nnx.Module):
         self.conv_out = conv(block_in, out_channels, 3, rngs)
 
     def __call__(self, z):
-        h = self.conv_in(z)
-        for block in self.mid:
-            h = block(h)
+        h = vq_cnn.run_mid(self.mid, self.conv_in(z))
         for i, level in enumerate(self.conv_blocks):
             if self.adaptive is not None:
                 h = self.adaptive[i](h, z)
@@ -347,8 +273,8 @@ class ReTok(nnx.Module):
         self.total_tokens = num_latent_tokens + num_padding
         ew, ed, eh = encoder_size
         dw, dd, dh = decoder_size
-        self.encoder = CNNEncoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                                  in_channels=in_channels, norm_groups=norm_groups, rngs=rngs)
+        self.encoder = vq_cnn.Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
+                                      in_channels=in_channels, attn=False, norm_groups=norm_groups, rngs=rngs)  # use_attn=False
         common = dict(grid=self.grid, num_latent_tokens=num_latent_tokens, num_padding=num_padding,
                       token_size=z_channels, rngs=rngs, pos_init_std=pos_init_std, dtype=dtype)
         self.s2to1encoder = ViTEncoder(width=ew, depth=ed, heads=eh, **common)

@@ -49,66 +49,13 @@ from flax import nnx
 from eval.resize import torch_area, torch_bicubic
 from models import layers
 from models.pretrained import clip, merge_module, regex_rename, siglip, torch_to_params, vitamin
-from tokenizers import losses, quantizers, vit
-from tokenizers.kl_vae import AttnBlock, Downsample, ResnetBlock, Upsample, conv, group_norm
-
-GROUPS = 32  # LlamaGen Normalize(): GroupNorm(32, eps 1e-6)
-
+from tokenizers import losses, quantizers, vit, vq_cnn
+from tokenizers.kl_vae import conv, group_norm
+from tokenizers.vq_cnn import GROUPS, Encoder
 
 # ----------------------------------------------------------------------------
-# Pixel branch: LlamaGen VQ-16 CNN encoder / decoder
+# Pixel branch: LlamaGen VQ-16 CNN encoder (tokenizers/vq_cnn.py) / decoder
 # ----------------------------------------------------------------------------
-
-
-class ConvLevel(nnx.Module):
-    """``conv_blocks[i]`` of the LlamaGen Encoder/Decoder: res blocks (each followed by an AttnBlock
-    when ``attn``), then an optional down/up-sample."""
-
-    def __init__(self, in_ch, out_ch, num_blocks, attn: bool, resample: str | None, rngs):
-        self.res = nnx.List([ResnetBlock(in_ch if j == 0 else out_ch, out_ch, GROUPS, rngs) for j in range(num_blocks)])
-        self.attn = nnx.List([AttnBlock(out_ch, GROUPS, rngs) for _ in range(num_blocks)] if attn else [])
-        self.downsample = Downsample(out_ch, rngs) if resample == "down" else None
-        self.upsample = Upsample(out_ch, rngs) if resample == "up" else None
-
-    def __call__(self, x):
-        for j, block in enumerate(self.res):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[j](x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
-
-
-def _mid(ch, rngs):
-    return nnx.List([ResnetBlock(ch, ch, GROUPS, rngs), AttnBlock(ch, GROUPS, rngs), ResnetBlock(ch, ch, GROUPS, rngs)])
-
-
-class Encoder(nnx.Module):
-    """(B, H, W, 3) -> (B, H/f, W/f, z_channels), f = 2^(len(ch_mult) - 1); attention only at the last
-    (lowest-resolution) level and in the middle."""
-
-    def __init__(self, *, ch: int, ch_mult, num_res_blocks: int, z_channels: int, in_channels: int = 3,
-                 rngs: nnx.Rngs):
-        self.conv_in = conv(in_channels, ch, 3, rngs)
-        levels, prev, n = [], ch, len(ch_mult)
-        for i, m in enumerate(ch_mult):
-            levels.append(ConvLevel(prev, ch * m, num_res_blocks, i == n - 1, "down" if i != n - 1 else None, rngs))
-            prev = ch * m
-        self.conv_blocks = nnx.List(levels)
-        self.mid = _mid(prev, rngs)
-        self.norm_out = group_norm(prev, GROUPS, rngs)
-        self.conv_out = conv(prev, z_channels, 3, rngs)
-
-    def __call__(self, x):
-        h = self.conv_in(x)
-        for level in self.conv_blocks:
-            h = level(h)
-        for block in self.mid:
-            h = block(h)
-        return self.conv_out(nnx.swish(self.norm_out(h)))
 
 
 class Decoder(nnx.Module):
@@ -120,20 +67,19 @@ class Decoder(nnx.Module):
                  rngs: nnx.Rngs):
         block_in = ch * ch_mult[-1]
         self.conv_in = conv(z_channels, block_in, 3, rngs)
-        self.mid = _mid(block_in, rngs)
+        self.mid = vq_cnn.mid_blocks(block_in, attn=True, rngs=rngs)
         levels, n = [], len(ch_mult)
         for k, i in enumerate(reversed(range(n))):
             out = ch * ch_mult[i]
-            levels.append(ConvLevel(block_in, out, num_res_blocks + 1, k == 0, "up" if i != 0 else None, rngs))
+            levels.append(vq_cnn.ConvLevel(block_in, out, num_res_blocks + 1, attn=k == 0,
+                                           resample="up" if i != 0 else None, rngs=rngs))
             block_in = out
         self.conv_blocks = nnx.List(levels)
         self.norm_out = group_norm(block_in, GROUPS, rngs)
         self.conv_out = conv(block_in, out_channels, 3, rngs)
 
     def __call__(self, z):
-        h = self.conv_in(z)
-        for block in self.mid:
-            h = block(h)
+        h = vq_cnn.run_mid(self.mid, self.conv_in(z))
         for level in self.conv_blocks:
             h = level(h)
         return self.conv_out(nnx.swish(self.norm_out(h)))
