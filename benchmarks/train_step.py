@@ -388,6 +388,27 @@ def xar_forward_flops(m, layout) -> float:
     return float(t * per_token + depth * 4 * t * t * d + e * per_entity)
 
 
+def xar_dropout_draws(width: int, heads: int, batch: int, depth: int = 16, tokens: int = 256) -> int:
+    """Bernoulli draws of one xAR train step's dropout (upstream main_mar.py: attention and projection
+    dropout 0.1): per block the attention weights (B, H, T, T), after the attention projection (B, T, D),
+    after the MLP's gate product (B, T, h) and after its fc2 (B, T, D)."""
+    h = int(width * 4.0 * 2 / 3)
+    return depth * batch * (heads * tokens * tokens + 2 * tokens * width + tokens * h)
+
+
+def dropout_draw_cpu_seconds(draws: int, reps: int = 3) -> float:
+    """Median process CPU seconds of ``layers.dropout``'s jax.random.bernoulli (threefry) for ``draws`` values."""
+    f = jax.jit(lambda key: jax.random.bernoulli(key, 0.9, (draws,)))
+    key = jax.random.PRNGKey(0)
+    jax.block_until_ready(f(key))
+    times = []
+    for _ in range(reps):
+        start = time.process_time()
+        jax.block_until_ready(f(key))
+        times.append(time.process_time() - start)
+    return float(np.median(times))
+
+
 def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmul_reps: int,
               barrier: bool = True) -> dict:
     """Our loop's xAR-B-shaped train step (configs/xar_b.py, float32, reduced width), built as ``_build``
@@ -547,6 +568,10 @@ def main():
     xar_barriers = [{"off": False, "on": True}[v.strip()] for v in args.xar_barrier.split(",") if v.strip()]
     xar_rows = [xar_bench(args.xar_width, args.xar_heads, args.xar_batch, args.steps, args.warmup,
                           args.matmul_reps, barrier) for barrier in xar_barriers] if args.xar == "on" else []
+    if xar_rows:
+        draws = xar_dropout_draws(args.xar_width, args.xar_heads, args.xar_batch)
+        print(f"\nxAR dropout: {draws / 1e6:.1f}M Bernoulli draws per step (threefry jax.random.bernoulli) take "
+              f"{dropout_draw_cpu_seconds(draws):.2f} s of process CPU time on their own", flush=True)
     for r in xar_rows:
         mm = ", ".join(f"{n}: {v / 1e9:.1f} GFLOP/s" for n, v in r["mm"].items())
         print(f"\n{r['model']} (256 tokens, 4 cells of 8x8, depth 8+8, width {args.xar_width}, "

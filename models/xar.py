@@ -220,7 +220,6 @@ class Block(nnx.Module):
         weights, after the attention projection, after the MLP's gate product and after its fc2.
         """
         rngs = [None] * 4 if dropout_rng is None else list(jax.random.split(dropout_rng, 4))
-        x = layers.grad_fusion_barrier(x)  # XLA:CPU: materialise the residual gradient (benchmarks/train_step.py)
         ada = jnp.take(self.ada_lin(nnx.silu(cond)), row_entity, axis=1)  # per entity, then broadcast
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(ada.astype(x.dtype), 6, axis=-1)
         attn = self.attn(layers.rms_norm(x) * (1 + scale1) + shift1, mask=mask, rope=rope, kv_cache=kv_cache,

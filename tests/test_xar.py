@@ -236,7 +236,7 @@ def test_ode_samplers_agree_with_and_without_cache(tiny, method):
     labels = jnp.array([1, 2], jnp.int32)
     a = _sample(model, labels, num_steps=2, cfg_scale=1.5, method=method, use_cache=True)
     b = _sample(model, labels, num_steps=2, cfg_scale=1.5, method=method, use_cache=False)
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)  # float32 rounding of two summation orders
 
 
 def test_guidance_scale_one_equals_no_guidance(tiny):
@@ -340,15 +340,17 @@ def test_constant_cfg_schedule_and_guidance_interval(tiny):
 def test_x_prediction_is_the_velocity_of_the_predicted_clean_tokens(tiny):
     """config.model.prediction="x": the same network's output read as clean tokens, v = (z - x) / max(t, t_min)."""
     config, method, model = tiny
-    config = config.copy_and_resolve_references()
-    config.model.prediction = "x"
-    x_model = get_method(config).create_model(nnx.Rngs(0))
-    nnx.update(x_model, nnx.state(model, nnx.Param))
     z = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4))
     t = jnp.array([[0.01, 0.3, 0.6, 1.0], [0.2, 0.4, 0.5, 0.9]])
     y = jnp.array([1, 2])
-    out = jitted(lambda m, z, t, y: m(z, t, y), model)(z, t, y)  # prediction "v": the raw output
-    v = jitted(lambda m, z, t, y: m(z, t, y), x_model)(z, t, y)
+    original = model.prediction
+    try:
+        model.prediction = "v"  # the raw output
+        out = jitted(lambda m, z, t, y: m(z, t, y), model)(z, t, y)
+        model.prediction = "x"  # the same weights, the output read as clean tokens
+        v = jitted(lambda m, z, t, y: m(z, t, y), model)(z, t, y)
+    finally:
+        model.prediction = original
     t_tok = jnp.repeat(jnp.maximum(t, xar.PREDICTION_T_MIN), 4, axis=1)[..., None]
     np.testing.assert_allclose(v, (z - out) / t_tok, rtol=1e-5, atol=1e-5)
     bad = config.copy_and_resolve_references()
