@@ -58,7 +58,15 @@ barrier is exactly the identity in value, tangent and cotangent).
 backward, grad clip, AdamW, EMA; same batch) in a subprocess outside the repository, and prints our step
 / its step. ``--torch_ref=PATH`` (a local checkout of upstream OliverRensu/xAR, which has no package;
 never downloaded here) times its train step at 256 tokens, depth 8+8 and ``--xar_width`` beside ours;
-without it the script says that the upstream xAR step was not timed.
+without it the script says that the upstream xAR step was not timed. Upstream imports ``flash_attn`` (unused by
+its training forward) and calls ``.cuda()``: on a CPU-only machine the subprocess stands in an empty
+``flash_attn`` module and makes ``.cuda()`` the identity. ``--xar=off`` skips xAR; ``--xar_barrier=off,on``
+compiles it without and with ``layers.grad_fusion_barrier`` at each block input. Measured at load ~12
+(``--models= --torch=off --torch_ref=PATH --xar_barrier=off,on --steps=3``): ours 2.05 s of process CPU per
+step / upstream 15.75 s = 0.13 (wall 0.08); model FLOP/s / matmul FLOP/s 0.17 wall, 0.33 per CPU-second; the
+barrier changes neither the largest fusion (423 instructions) nor the step, so xAR has no barrier. What is
+left is dropout: upstream trains with attention/projection dropout 0.1, 36M threefry Bernoulli draws per
+step, which take 0.93 s of CPU on their own (printed by the run), ~45% of the step.
 """
 
 from __future__ import annotations
