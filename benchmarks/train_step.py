@@ -321,9 +321,9 @@ if "flash_attn" not in sys.modules:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        stub = types.ModuleType("flash_attn")
-        stub.flash_attn_func = None
-        sys.modules["flash_attn"] = stub
+        empty = types.ModuleType("flash_attn")
+        empty.flash_attn_func = None
+        sys.modules["flash_attn"] = empty
 if not torch.cuda.is_available():
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 from models.xar import xAR
