@@ -71,6 +71,7 @@ def get_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         prediction="v",
         # training times t = sigmoid(N(mean, std)) per entity, t = 1 the noise (upstream: logit-normal(0, 1))
         time_logit_mean=0.0, time_logit_std=1.0,
+        remat=False,  # recompute every block in the backward pass (xAR-H on 64 devices: benchmarks/pod_plan.py)
     ))
     c.compute_dtype = "bfloat16"  # accelerator runs: bf16 compute; params, AdamW state and norms stay f32
     # ImageNet 256 on cached MAR KL-16 latents: posterior sample x 0.2325 (upstream engine_xar.py), flips cached;

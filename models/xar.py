@@ -239,7 +239,8 @@ class XARNet(nnx.Module):
     def __init__(self, *, layout: Layout, token_dim: int, hidden_size: int, encoder_depth: int,
                  decoder_depth: int, num_heads: int, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  class_dropout_prob: float = 0.1, attn_dropout: float = 0.0, proj_dropout: float = 0.0,
-                 rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla", prediction: str = "v"):
+                 rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla", prediction: str = "v",
+                 remat: bool = False):
         head_dim = hidden_size // num_heads
         if hidden_size % num_heads or head_dim % 4:
             raise ValueError(f"hidden_size={hidden_size} / num_heads={num_heads} must give a head dim divisible "
@@ -247,6 +248,7 @@ class XARNet(nnx.Module):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}: must be one of {PREDICTIONS}")
         self.prediction = prediction
+        self.remat = remat  # training: recompute each block in the backward pass (memory: benchmarks/pod_plan.py)
         self.layout = layout
         self.token_dim = token_dim
         self.num_classes = num_classes
@@ -331,15 +333,20 @@ class XARNet(nnx.Module):
         h = h + jnp.take(self.encoder_pos_embed[...], jnp.asarray(token_index), axis=0).astype(h.dtype)
         h = constrain(self.z_proj_ln(h), ("act_batch", "act_len", "act_embed"))
         new_kv = []
+
+        def run(block, h, cond, row_entity, cache, rng):
+            return block(h, cond, row_entity, mask=mask, rope=rope, kv_cache=cache, kv_valid=all_valid,
+                         return_kv=return_kv, attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
+                         dropout_rng=rng)
+
+        if self.remat and kv_cache is None and not return_kv:  # the training forward keeps no activations
+            run = nnx.remat(run)
         for i, block in enumerate(self.blocks):
             if i == len(self.encoder_blocks):
                 h = self.decoder_embed(self.encoder_norm(h))
                 h = h + jnp.take(self.decoder_pos_embed[...], jnp.asarray(token_index), axis=0).astype(h.dtype)
-            h, kv = block(h, cond, row_entity, mask=mask, rope=rope,
-                          kv_cache=None if kv_cache is None else kv_cache[i], kv_valid=all_valid,
-                          return_kv=return_kv,
-                          attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
-                          dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+            h, kv = run(block, h, cond, row_entity, None if kv_cache is None else kv_cache[i],
+                        None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
             h = constrain(h, ("act_batch", "act_len", "act_embed"))
             new_kv.append(kv)
         out = self.pred(self.decoder_norm(h)).astype(jnp.float32)
@@ -460,7 +467,7 @@ class XAR(Method):
                       mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
                       attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, rngs=rngs,
                       dtype=jnp.dtype(self.config.compute_dtype), attention_impl=m.get("attention_impl", "xla"),
-                      prediction=m.get("prediction", "v"))
+                      prediction=m.get("prediction", "v"), remat=m.get("remat", False))
 
     def to_tokens(self, model: XARNet, x: jax.Array) -> jax.Array:
         """(B, H, W, C) image or latent -> (B, N, p*p*C) token sequence."""

@@ -312,6 +312,29 @@ def test_dropout_is_training_only_and_random(tiny):
     np.testing.assert_allclose(without, plain, atol=1e-6)
 
 
+def test_remat_gives_the_same_loss_and_gradients(tiny):
+    """config.model.remat recomputes every block in the backward pass (xAR-H's memory plan); the training
+    loss, with dropout, and every gradient stay the same; sampling's cached path is untouched."""
+    config, method, model = tiny
+    batch = {"image": jax.random.uniform(jax.random.PRNGKey(3), (4, 8, 8, 1), minval=-1, maxval=1),
+             "label": jnp.arange(4)}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grads(remat):
+        model.remat = remat
+        try:
+            gdef = nnx.graphdef(model)
+            return jax.jit(jax.value_and_grad(
+                lambda p: method.loss(nnx.merge(gdef, p, rest), batch, jax.random.PRNGKey(4))[0]))(params)
+        finally:
+            model.remat = False
+
+    (loss, g), (loss_r, g_r) = grads(False), grads(True)
+    assert float(loss_r) == pytest.approx(float(loss), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), g, g_r)
+    assert not get_method(config).create_model(nnx.Rngs(0)).remat
+
+
 def test_euler_maruyama_grid_and_cfg_ramp_follow_upstream():
     grid = xar.time_grid("euler_maruyama", 40)
     assert grid[0] == 1.0 and grid[-2] == pytest.approx(0.04) and grid[-1] == 0.0 and len(grid) == 41
