@@ -271,12 +271,9 @@ def test_embedded_latent_pipeline_trains_samples_and_scores(tmp_path):
                 "--set=sample.num_steps=2"], timeout=1200)
     with np.load(out) as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
-    from configs import xar_b
-    from eval import make_ref
-
-    ref = tmp_path / "ref.npz"  # the reference in-process (the make_ref CLI: tests/test_eval_harness.py)
-    make_ref.make_reference(make_ref.dataset_images(xar_b.get_config("demo"), num=200), str(ref), inception=None,
-                            resize="tf1_bilinear", domain=True)
+    ref = tmp_path / "ref.npz"  # the only run of the make_ref CLI in the suite
+    run_python(["-m", "eval.make_ref", "--config=configs/xar_b.py:demo", "--num=200", f"--out={ref}", "--domain"],
+               timeout=1200)
     proc = run_python(["-m", "eval.main", f"--samples={out}", f"--ref={ref}"], timeout=1200)
     assert "mnist_fid:" in proc.stdout and "mnist_is:" in proc.stdout
 
