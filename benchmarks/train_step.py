@@ -404,9 +404,23 @@ def xar_dropout_draws(width: int, heads: int, batch: int, depth: int = 16, token
     return depth * batch * (heads * tokens * tokens + 2 * tokens * width + tokens * h)
 
 
-def dropout_draw_cpu_seconds(draws: int, reps: int = 3) -> float:
-    """Median process CPU seconds of ``layers.dropout``'s jax.random.bernoulli (threefry) for ``draws`` values."""
-    f = jax.jit(lambda key: jax.random.bernoulli(key, 0.9, (draws,)))
+def bernoulli_dropout(x, rate, rng):
+    """Dropout as it was before ``layers.dropout`` packed two 16-bit masks per threefry word: one
+    ``jax.random.bernoulli`` float per element (the side-by-side of ``--xar_dropout=bernoulli,packed``)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def dropout_draw_cpu_seconds(draws: int, impl: str = "packed", reps: int = 3) -> float:
+    """Median process CPU seconds of dropout 0.1 on ``draws`` values of a (draws/256, 256) array:
+    ``layers.dropout`` ("packed") or ``bernoulli_dropout``."""
+    from models import layers
+
+    fn = {"packed": layers.dropout, "bernoulli": bernoulli_dropout}[impl]
+    x = jnp.ones((max(1, draws // 256), 256), jnp.float32)
+    f = jax.jit(lambda key: fn(x, 0.1, key))
     key = jax.random.PRNGKey(0)
     jax.block_until_ready(f(key))
     times = []
@@ -418,7 +432,7 @@ def dropout_draw_cpu_seconds(draws: int, reps: int = 3) -> float:
 
 
 def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmul_reps: int,
-              barrier: bool = True) -> dict:
+              barrier: bool = True, dropout_impl: str = "packed") -> dict:
     """Our loop's xAR-B-shaped train step (configs/xar_b.py, float32, reduced width), built as ``_build``
     builds DiT's, timed in rounds interleaved with the f32 matmuls (module docstring)."""
     from configs import xar_b
@@ -450,15 +464,20 @@ def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmu
     data = {"latent": rng.standard_normal((batch, 16, 16, 16), np.float32),
             "label": rng.integers(0, 1000, (batch,)).astype(np.int32)}
     data = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in data.items()}
-    real_barrier = layers.grad_fusion_barrier
+    from models import xar as xar_model
+
+    real_barrier, real_dropout = layers.grad_fusion_barrier, (layers.dropout, xar_model.dropout)
     if not barrier:
         layers.grad_fusion_barrier = lambda x: x
+    if dropout_impl == "bernoulli":
+        layers.dropout = xar_model.dropout = bernoulli_dropout
     try:
         t0 = time.perf_counter()
         compiled = p_step.lower(state, data).compile()
         compile_s = time.perf_counter() - t0
     finally:
         layers.grad_fusion_barrier = real_barrier
+        layers.dropout, xar_model.dropout = real_dropout
     layout = method.layout()
     tokens = layout.num_tokens
     h = int(width * config.model.mlp_ratio * 2 / 3)
@@ -486,7 +505,7 @@ def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmu
     mm = {name: float(np.median(r)) for name, r in rates.items()}
     peak = max(mm.values())
     largest_fusion, fused_total = fusion_stats(compiled)
-    return dict(ratio_cpu=cpu_ratio(model_flops, float(np.median(cpu)), matmuls), model="xAR" + ("" if barrier else " nobarrier"), params=n_params, step=step,
+    return dict(ratio_cpu=cpu_ratio(model_flops, float(np.median(cpu)), matmuls), model="xAR" + ("" if barrier else " nobarrier") + ("" if dropout_impl == "packed" else f" {dropout_impl}"), params=n_params, step=step,
                 largest_fusion=largest_fusion, fused_total=fused_total,
                 cpu_step=float(np.median(cpu)), model_gflop=model_flops / 1e9, xla_gflop=_xla_flops(compiled) / 1e9,
                 mm=mm, mm_tflops=peak / 1e12, model_tflops=model_flops / step / 1e12,
@@ -521,6 +540,9 @@ def main():
                         "with --torch_ref)")
     parser.add_argument("--xar_barrier", default="on",
                         help="layers.grad_fusion_barrier in the xAR blocks: on, off or off,on (side by side)")
+    parser.add_argument("--xar_dropout", default="packed",
+                        help="xAR's dropout masks: packed (layers.dropout), bernoulli (one float per element, "
+                             "as before), or bernoulli,packed (side by side)")
     args = parser.parse_args()
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
@@ -574,12 +596,18 @@ def main():
             raise SystemExit(f"--torch_ref={ref_dir}: no models/xar.py there; pass a local checkout of upstream "
                              "OliverRensu/xAR")
     xar_barriers = [{"off": False, "on": True}[v.strip()] for v in args.xar_barrier.split(",") if v.strip()]
+    xar_dropouts = [v.strip() for v in args.xar_dropout.split(",") if v.strip()]
+    if not set(xar_dropouts) <= {"packed", "bernoulli"}:
+        parser.error(f"--xar_dropout={args.xar_dropout}: use packed, bernoulli or bernoulli,packed")
     xar_rows = [xar_bench(args.xar_width, args.xar_heads, args.xar_batch, args.steps, args.warmup,
-                          args.matmul_reps, barrier) for barrier in xar_barriers] if args.xar == "on" else []
+                          args.matmul_reps, barrier, impl)
+                for barrier in xar_barriers for impl in xar_dropouts] if args.xar == "on" else []
     if xar_rows:
         draws = xar_dropout_draws(args.xar_width, args.xar_heads, args.xar_batch)
-        print(f"\nxAR dropout: {draws / 1e6:.1f}M Bernoulli draws per step (threefry jax.random.bernoulli) take "
-              f"{dropout_draw_cpu_seconds(draws):.2f} s of process CPU time on their own", flush=True)
+        print(f"\nxAR dropout: {draws / 1e6:.1f}M mask elements per step take, on their own, "
+              + ", ".join(f"{impl} {dropout_draw_cpu_seconds(draws, impl):.2f} s" for impl in ("bernoulli", "packed"))
+              + " of process CPU time (bernoulli: one threefry float per element; packed: layers.dropout, two "
+              "16-bit integers per threefry word)", flush=True)
     for r in xar_rows:
         mm = ", ".join(f"{n}: {v / 1e9:.1f} GFLOP/s" for n, v in r["mm"].items())
         print(f"\n{r['model']} (256 tokens, 4 cells of 8x8, depth 8+8, width {args.xar_width}, "

@@ -67,12 +67,34 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
+DROPOUT_BITS = 16  # bits of uniform integer per mask element; each 32-bit threefry word gives 32 // 16 masks
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation, sampling)."""
+    """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation, sampling).
+
+    An element is dropped when a 16-bit uniform integer is below ``round(rate * 2**16)`` (the drop rate
+    within 2**-17 of ``rate``); kept elements are divided by that exact keep probability, so the
+    expectation is ``x``. The integers are the two halves of ``jax.random.bits``' 32-bit words: half the
+    threefry work of ``jax.random.bernoulli``'s one float per element (on CPU dropout's random bits were
+    a quarter of an xAR train step; ``benchmarks/train_step.py``). Threefry is partitionable, so the
+    mask does not depend on the sharding.
+    """
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    levels = 2 ** DROPOUT_BITS
+    threshold = round(rate * levels)
+    keep_prob = 1.0 - threshold / levels
+    shape = x.shape if x.ndim else (1,)
+    per_word = 32 // DROPOUT_BITS
+    n = shape[-1]
+    words = -(-n // per_word)
+    bits = jax.random.bits(rng, shape[:-1] + (words,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(shape[:-1] + (words * per_word,))
+    keep = (halves[..., :n] >= threshold).reshape(x.shape)
+    return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import xar_b, xar_l, xar_h
-from models import xar
+from models import layers, xar
 from tests.conftest import REPO, run_python
 from trainers import convert
 from trainers.method import ModelDef, get_method
@@ -310,6 +310,28 @@ def test_dropout_is_training_only_and_random(tiny):
     finally:
         model.attn_dropout, model.proj_dropout = rates
     np.testing.assert_allclose(without, plain, atol=1e-6)
+
+
+def test_dropout_mask_rate_scale_and_independence():
+    """layers.dropout: 16-bit uniform integers, two per threefry word; drop rate and expectation exact to
+    sampling error, neighbours (the two halves of one word) independent, any shape, any dtype."""
+    x = jnp.ones((32, 64, 341))  # odd last dim: the last word's second half is unused
+    n = x.size
+    for rate in (0.1, 0.5):
+        y = layers.dropout(x, rate, jax.random.PRNGKey(3))
+        dropped = np.asarray(y == 0)
+        assert abs(dropped.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+        assert abs(float(y.mean()) - 1.0) < 5 * np.sqrt(rate / (1 - rate) / n)
+        both = (dropped[..., 0:340:2] & dropped[..., 1:341:2]).mean()  # halves of the same word
+        assert abs(both - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / (n / 2))
+    a = layers.dropout(x, 0.1, jax.random.PRNGKey(4))
+    assert not np.array_equal(np.asarray(a), np.asarray(layers.dropout(x, 0.1, jax.random.PRNGKey(5))))
+    assert layers.dropout(jnp.ones(()), 0.5, jax.random.PRNGKey(0)).shape == ()
+    half = layers.dropout(jnp.ones((4, 7), jnp.bfloat16), 0.5, jax.random.PRNGKey(0))
+    assert half.dtype == jnp.bfloat16 and set(np.unique(np.asarray(half, np.float32))) <= {0.0, 2.0}
+    assert layers.dropout(x, 0.1, None) is x and layers.dropout(x, 0.0, jax.random.PRNGKey(0)) is x
+    with pytest.raises(ValueError, match="dropout rate"):
+        layers.dropout(x, 1.0, jax.random.PRNGKey(0))
 
 
 def test_remat_gives_the_same_loss_and_gradients(tiny):
