@@ -201,7 +201,7 @@ def cpu_ratio(model_flops: float, step_cpu: float, matmuls: dict) -> float:
 
 
 def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int, remat: bool = False,
-          barrier: bool = True) -> dict:
+          barrier: bool = True, ref: TorchStepper | None = None) -> dict:
     compiled, state, batch, config, n_params, xla_flops, compile_s = build(size, batch_size, remat, barrier)
     m = config.model
     tokens = (m.input_size // m.patch_size) ** 2
@@ -223,6 +223,8 @@ def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int,
         jax.block_until_ready((state, metrics))
         step_times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        if ref is not None:
+            ref.step()
     for name, (run, flops) in matmuls.items():  # one more round after the last step: brackets every step
         mm_rates[name].extend(flops / run() for _ in range(matmul_reps))
     loss = float(metrics["loss"])
@@ -248,7 +250,8 @@ def bench(size: str, batch_size: int, steps: int, warmup: int, matmul_reps: int,
                 xla_tflops=xla_flops / step / 1e12, mm=mm_medians, mm_spread={
                     n: (float(np.min(r)), float(np.max(r))) for n, r in mm_rates.items()},
                 mm_best=best_mm, mm_tflops=peak / 1e12, config_model=m, ratio=model_flops / step / peak,
-                ratio_rounds=(float(np.min(per_round)), float(np.max(per_round))), compile_s=compile_s, loss=loss)
+                ratio_rounds=(float(np.min(per_round)), float(np.max(per_round))), compile_s=compile_s, loss=loss,
+                ref=ref.take() if ref is not None else None)
 
 
 # ----------------------------------------------------------------------------- the PyTorch side
@@ -258,7 +261,7 @@ TORCH_DIT = r"""
 import json, sys, time
 import torch
 from diffusers import DiTTransformer2DModel
-steps, warmup, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+warmup, batch = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
 # DiT-S/2 on 32x32x4 latents (upstream DiT-S: width 384 = 6 heads x 64, depth 12), learn_sigma -> 8 out channels
 model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
@@ -282,32 +285,80 @@ def step():
     return float(loss)
 for _ in range(warmup):
     step()
-times, cpu = [], []
-for _ in range(steps):
+# Interleaved with the JAX side: one timed step per "step" line on stdin (TorchStepper).
+print(json.dumps({"ready": True, "params": sum(p.numel() for p in model.parameters()),
+                  "threads": torch.get_num_threads()}), flush=True)
+for line in sys.stdin:
+    if line.strip() != "step":
+        break
     t0, c0 = time.perf_counter(), time.process_time(); step()
-    times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
-times.sort(); cpu.sort()
-print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "step": times[len(times) // 2],
-                  "cpu_step": cpu[len(cpu) // 2], "threads": torch.get_num_threads()}))
+    print(json.dumps({"step": time.perf_counter() - t0, "cpu_step": time.process_time() - c0}), flush=True)
 """
 
 
-def torch_dit_step(steps: int, warmup: int, batch: int) -> dict | None:
-    """Median step time of diffusers' DiTTransformer2DModel (DiT-S/2) forward+backward+AdamW+EMA on this CPU."""
-    import subprocess
-    import tempfile
+class TorchStepper:
+    """The PyTorch side in a subprocess (cwd and sys.path outside the repository, torch limited to this
+    process's cores), warmed up, then stepped once per round between our steps: both sides see the same
+    load (a shared machine's load swings 2x within minutes; timed one after the other, torch's spinning
+    OpenMP threads suffered far more than XLA's under load and made it look several times slower)."""
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))))
-    env.pop("PYTHONPATH", None)
-    with tempfile.TemporaryDirectory() as cwd:
-        proc = subprocess.run([sys.executable, "-c", TORCH_DIT, str(steps), str(warmup), str(batch)], cwd=cwd,
-                              env=env, capture_output=True, text=True)
-    if proc.returncode:
-        print(f"diffusers DiT reference failed (is the test extra installed?):\n{proc.stderr[-1500:]}", flush=True)
+    def __init__(self, script: str, args: list[str], what: str):
+        import subprocess
+        import tempfile
+
+        self.what, self.times, self.cpu = what, [], []
+        env = dict(os.environ, OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))))
+        env.pop("PYTHONPATH", None)
+        self._cwd = tempfile.TemporaryDirectory()
+        self.proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=self._cwd.name, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        import json
+
+        line = self.proc.stdout.readline()
+        while line and not line.startswith("{"):
+            line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()[-1500:]
+            self.close()
+            raise RuntimeError(f"{self.what} failed:\n{err}")
+        return json.loads(line)
+
+    def step(self) -> None:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        row = self._read()
+        self.times.append(row["step"])
+        self.cpu.append(row["cpu_step"])
+
+    def take(self) -> dict:
+        """Median wall and process-CPU seconds of the steps since the last take (one row's rounds)."""
+        out = {"step": float(np.median(self.times)), "cpu_step": float(np.median(self.cpu)),
+               "params": self.info["params"], "threads": self.info["threads"], "steps": len(self.times)}
+        self.times, self.cpu = [], []
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.wait(timeout=60)
+        self._cwd.cleanup()
+
+
+def torch_dit_step(warmup: int, batch: int) -> TorchStepper | None:
+    """diffusers' DiTTransformer2DModel (DiT-S/2) forward+backward+AdamW+EMA on this CPU, ready to step."""
+    try:
+        return TorchStepper(TORCH_DIT, [str(warmup), str(batch)], "diffusers DiT reference (is the test extra "
+                            "installed?)")
+    except RuntimeError as e:
+        print(e, flush=True)
         return None
-    import json
-
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 TORCH_XAR = r"""
@@ -327,7 +378,7 @@ if "flash_attn" not in sys.modules:
 if not torch.cuda.is_available():
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 from models.xar import xAR
-width, heads, batch, steps, warmup = map(int, sys.argv[2:7])
+width, heads, batch, warmup = map(int, sys.argv[2:6])
 torch.manual_seed(0)
 model = xAR(img_size=256, vae_stride=16, patch_size=1, encoder_embed_dim=width, encoder_depth=8,
             encoder_num_heads=heads, decoder_embed_dim=width, decoder_depth=8, decoder_num_heads=heads,
@@ -351,33 +402,27 @@ def step():
     return float(loss)
 for _ in range(warmup):
     step()
-times, cpu = [], []
-for _ in range(steps):
+# Interleaved with the JAX side: one timed step per "step" line on stdin (TorchStepper).
+print(json.dumps({"ready": True, "params": sum(p.numel() for p in model.parameters()),
+                  "threads": torch.get_num_threads()}), flush=True)
+for line in sys.stdin:
+    if line.strip() != "step":
+        break
     t0, c0 = time.perf_counter(), time.process_time(); step()
-    times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
-times.sort(); cpu.sort()
-print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "step": times[len(times) // 2],
-                  "cpu_step": cpu[len(cpu) // 2], "threads": torch.get_num_threads()}))
+    print(json.dumps({"step": time.perf_counter() - t0, "cpu_step": time.process_time() - c0}), flush=True)
 """
 
 
-def torch_xar_step(ref_dir: Path, width: int, heads: int, batch: int, steps: int, warmup: int) -> dict | None:
-    """Median train-step time of upstream xAR (the user's checkout) at 256 tokens, depth 8+8, reduced width:
-    its own forward (label drop, logit-normal times, 4 cells, Noisy Context Learning loss), backward, clip,
-    AdamW (0.9, 0.96) and EMA, as engine_xar.py trains."""
-    import json
-    import subprocess
-    import tempfile
-
-    env = dict(os.environ, OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))))
-    env.pop("PYTHONPATH", None)
-    with tempfile.TemporaryDirectory() as cwd:
-        proc = subprocess.run([sys.executable, "-c", TORCH_XAR, str(ref_dir), str(width), str(heads), str(batch),
-                               str(steps), str(warmup)], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        print(f"upstream xAR step at {ref_dir} failed:\n{proc.stderr[-1500:]}", flush=True)
+def torch_xar_step(ref_dir: Path, width: int, heads: int, batch: int, warmup: int) -> TorchStepper | None:
+    """Upstream xAR (the user's checkout) at 256 tokens, depth 8+8, reduced width, ready to step: its own
+    forward (label drop, logit-normal times, 4 cells, Noisy Context Learning loss), backward, clip, AdamW
+    (0.9, 0.96) and EMA, as engine_xar.py trains."""
+    try:
+        return TorchStepper(TORCH_XAR, [str(ref_dir), str(width), str(heads), str(batch), str(warmup)],
+                            f"upstream xAR step at {ref_dir}")
+    except RuntimeError as e:
+        print(e, flush=True)
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def xar_forward_flops(m, layout) -> float:
@@ -432,7 +477,7 @@ def dropout_draw_cpu_seconds(draws: int, impl: str = "packed", reps: int = 3) ->
 
 
 def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmul_reps: int,
-              barrier: bool = True, dropout_impl: str = "packed") -> dict:
+              barrier: bool = True, dropout_impl: str = "packed", ref: TorchStepper | None = None) -> dict:
     """Our loop's xAR-B-shaped train step (configs/xar_b.py, float32, reduced width), built as ``_build``
     builds DiT's, timed in rounds interleaved with the f32 matmuls (module docstring)."""
     from configs import xar_b
@@ -495,6 +540,8 @@ def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmu
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
+        if ref is not None:
+            ref.step()
     for name, (run, flops) in matmuls.items():
         rates[name].extend(flops / run() for _ in range(matmul_reps))
     loss = float(metrics["loss"])
@@ -505,7 +552,8 @@ def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmu
     mm = {name: float(np.median(r)) for name, r in rates.items()}
     peak = max(mm.values())
     largest_fusion, fused_total = fusion_stats(compiled)
-    return dict(ratio_cpu=cpu_ratio(model_flops, float(np.median(cpu)), matmuls), model="xAR" + ("" if barrier else " nobarrier") + ("" if dropout_impl == "packed" else f" {dropout_impl}"), params=n_params, step=step,
+    return dict(ref=ref.take() if ref is not None else None,
+                ratio_cpu=cpu_ratio(model_flops, float(np.median(cpu)), matmuls), model="xAR" + ("" if barrier else " nobarrier") + ("" if dropout_impl == "packed" else f" {dropout_impl}"), params=n_params, step=step,
                 largest_fusion=largest_fusion, fused_total=fused_total,
                 cpu_step=float(np.median(cpu)), model_gflop=model_flops / 1e9, xla_gflop=_xla_flops(compiled) / 1e9,
                 mm=mm, mm_tflops=peak / 1e12, model_tflops=model_flops / step / 1e12,
@@ -544,6 +592,14 @@ def main():
                         help="xAR's dropout masks: packed (layers.dropout), bernoulli (one float per element, "
                              "as before), or bernoulli,packed (side by side)")
     args = parser.parse_args()
+    if args.torch_ref:
+        ref_dir = Path(args.torch_ref).resolve()
+        if not (ref_dir / "models" / "xar.py").exists():
+            raise SystemExit(f"--torch_ref={ref_dir}: no models/xar.py there; pass a local checkout of upstream "
+                             "OliverRensu/xAR")
+    xar_dropouts = [v.strip() for v in args.xar_dropout.split(",") if v.strip()]
+    if not set(xar_dropouts) <= {"packed", "bernoulli"}:
+        parser.error(f"--xar_dropout={args.xar_dropout}: use packed, bernoulli or bernoulli,packed")
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
@@ -556,8 +612,10 @@ def main():
     variants = [{"off": False, "on": True}[v.strip()] for v in args.remat.split(",") if v.strip()]
     sizes = [s.strip().upper() for s in args.models.split(",") if s.strip()]
     barriers = [{"off": False, "on": True}[v.strip()] for v in args.barrier.split(",") if v.strip()]
+    dit_ref = torch_dit_step(args.warmup, args.batch_s) if args.torch == "on" and "S" in sizes else None
     for size, remat, barrier in [(s, r, b) for s in sizes for r in variants for b in barriers]:
-        r = bench(size, batches[size], args.steps, args.warmup, args.matmul_reps, remat, barrier)
+        r = bench(size, batches[size], args.steps, args.warmup, args.matmul_reps, remat, barrier,
+                  dit_ref if size == "S" else None)
         rows.append(r)
         mm = ", ".join(f"{n}: {v / 1e9:.1f} GFLOP/s ({r['mm_spread'][n][0] / 1e9:.1f}..{r['mm_spread'][n][1] / 1e9:.1f})"
                        for n, v in r["mm"].items())
@@ -581,27 +639,24 @@ def main():
         print(f"{r['model']:<19} {r['batch']:>5} {r['step'] * 1e3:>9.0f} {r['cpu_step']:>6.2f} {r['model_tflops']:>14.4f} "
               f"{r['mm_tflops']:>15.4f} {r['ratio']:>6.2f} {r['ratio_cpu']:>11.2f}")
 
-    if args.torch == "on" and "S" in sizes:
-        ref = torch_dit_step(max(2, args.steps), args.warmup, args.batch_s)
-        for ours in (r for r in rows if r["model"].startswith("DiT-S/2") and ref is not None):
-            print(f"\n{ours['model']} batch {args.batch_s}: ours {ours['step'] * 1e3:.0f} ms ({ours['params'] / 1e6:.1f}M "
-                  f"params) / diffusers DiTTransformer2DModel {ref['step'] * 1e3:.0f} ms ({ref['params'] / 1e6:.1f}M "
-                  f"params, torch {ref['threads']} threads) = {ours['step'] / ref['step']:.2f} (target <= 0.8); "
-                  f"process CPU time {ours['cpu_step']:.2f} s / {ref['cpu_step']:.2f} s = "
-                  f"{ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s "
-                  f"{3.0 * dit_forward_flops(ours['config_model']) * args.batch_s / ref['step'] / 1e9:.1f} GFLOP/s")
-    if args.torch_ref:
-        ref_dir = Path(args.torch_ref).resolve()
-        if not (ref_dir / "models" / "xar.py").exists():
-            raise SystemExit(f"--torch_ref={ref_dir}: no models/xar.py there; pass a local checkout of upstream "
-                             "OliverRensu/xAR")
+    if dit_ref is not None:
+        dit_ref.close()
+    for ours in (r for r in rows if r["ref"] is not None):
+        ref = ours["ref"]
+        print(f"\n{ours['model']} batch {args.batch_s}, {ref['steps']} steps interleaved: ours {ours['step'] * 1e3:.0f} ms ({ours['params'] / 1e6:.1f}M "
+              f"params) / diffusers DiTTransformer2DModel {ref['step'] * 1e3:.0f} ms ({ref['params'] / 1e6:.1f}M "
+              f"params, torch {ref['threads']} threads) = {ours['step'] / ref['step']:.2f} (target <= 0.8); "
+              f"process CPU time {ours['cpu_step']:.2f} s / {ref['cpu_step']:.2f} s = "
+              f"{ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s "
+              f"{3.0 * dit_forward_flops(ours['config_model']) * args.batch_s / ref['step'] / 1e9:.1f} GFLOP/s")
     xar_barriers = [{"off": False, "on": True}[v.strip()] for v in args.xar_barrier.split(",") if v.strip()]
-    xar_dropouts = [v.strip() for v in args.xar_dropout.split(",") if v.strip()]
-    if not set(xar_dropouts) <= {"packed", "bernoulli"}:
-        parser.error(f"--xar_dropout={args.xar_dropout}: use packed, bernoulli or bernoulli,packed")
+    xar_ref = (torch_xar_step(ref_dir, args.xar_width, args.xar_heads, args.xar_batch, args.warmup)
+               if args.torch_ref and args.xar == "on" else None)
     xar_rows = [xar_bench(args.xar_width, args.xar_heads, args.xar_batch, args.steps, args.warmup,
-                          args.matmul_reps, barrier, impl)
+                          args.matmul_reps, barrier, impl, xar_ref)
                 for barrier in xar_barriers for impl in xar_dropouts] if args.xar == "on" else []
+    if xar_ref is not None:
+        xar_ref.close()
     if xar_rows:
         draws = xar_dropout_draws(args.xar_width, args.xar_heads, args.xar_batch)
         print(f"\nxAR dropout: {draws / 1e6:.1f}M mask elements per step take, on their own, "
@@ -619,10 +674,9 @@ def main():
               f"  model FLOP/s / matmul FLOP/s = {r['model_tflops'] * 1e3:.1f} / {r['mm_tflops'] * 1e3:.1f} GFLOP/s "
               f"= {r['ratio']:.2f} (target >= 0.6); per process-CPU second {r['ratio_cpu']:.2f}", flush=True)
     if xar_rows and args.torch_ref:
-        ref = torch_xar_step(ref_dir, args.xar_width, args.xar_heads, args.xar_batch, max(2, args.steps),
-                             args.warmup)
-        for ours in xar_rows if ref is not None else []:
-            print(f"\n{ours['model']} batch {args.xar_batch}: ours {ours['step'] * 1e3:.0f} ms "
+        for ours in (r for r in xar_rows if r["ref"] is not None):
+            ref = ours["ref"]
+            print(f"\n{ours['model']} batch {args.xar_batch}, {ref['steps']} steps interleaved: ours {ours['step'] * 1e3:.0f} ms "
                   f"({ours['params'] / 1e6:.2f}M params) / upstream xAR {ref['step'] * 1e3:.0f} ms "
                   f"({ref['params'] / 1e6:.2f}M params, torch {ref['threads']} threads) = "
                   f"{ours['step'] / ref['step']:.2f} (target <= 0.8); process CPU time {ours['cpu_step']:.2f} s / "
