@@ -49,24 +49,34 @@ residual gradient is computed once per block. ``--barrier=off,on`` runs the step
 replaced by the identity) and with it side by side; the script also prints the process CPU seconds per
 step, which a loaded machine distorts less than wall time. Measured on this machine at load ~18: DiT-S/2
 batch 8, depth 12, whole train step 16.1 / 17.3 s of CPU without, 5.3 / 5.4 s with (two interleaved
-pairs); largest fusion 895 -> 269 instructions; compile 130 s -> 43 s. ``--models=S --barrier=off,on
---steps=3`` at load ~20: ratio 0.17 -> 0.52 (per round 0.36..0.59); ours / diffusers 0.98 -> 0.39 wall,
-1.27 -> 0.38 process CPU time (17.96 s -> 5.43 s against torch's 14.13 s). The numerics are unchanged (every golden fixture passes; the
-barrier is exactly the identity in value, tangent and cotangent).
+pairs); largest fusion 895 -> 269 instructions; compile 130 s -> 43 s; ratio 0.17 -> 0.52. The numerics
+are unchanged (every golden fixture passes; the barrier is exactly the identity in value, tangent and
+cotangent).
 
 ``--torch on`` (default) times diffusers' ``DiTTransformer2DModel`` at the DiT-S/2 size (forward,
-backward, grad clip, AdamW, EMA; same batch) in a subprocess outside the repository, and prints our step
-/ its step. ``--torch_ref=PATH`` (a local checkout of upstream OliverRensu/xAR, which has no package;
-never downloaded here) times its train step at 256 tokens, depth 8+8 and ``--xar_width`` beside ours;
-without it the script says that the upstream xAR step was not timed. Upstream imports ``flash_attn`` (unused by
-its training forward) and calls ``.cuda()``: on a CPU-only machine the subprocess stands in an empty
-``flash_attn`` module and makes ``.cuda()`` the identity. ``--xar=off`` skips xAR; ``--xar_barrier=off,on``
-compiles it without and with ``layers.grad_fusion_barrier`` at each block input. Measured at load ~12
-(``--models= --torch=off --torch_ref=PATH --xar_barrier=off,on --steps=3``): ours 2.05 s of process CPU per
-step / upstream 15.75 s = 0.13 (wall 0.08); model FLOP/s / matmul FLOP/s 0.17 wall, 0.33 per CPU-second; the
-barrier changes neither the largest fusion (423 instructions) nor the step, so xAR has no barrier. What is
-left is dropout: upstream trains with attention/projection dropout 0.1, 36M threefry Bernoulli draws per
-step, which take 0.93 s of CPU on their own (printed by the run), ~45% of the step.
+backward, grad clip, AdamW, EMA; same batch) and prints our step / its step. ``--torch_ref=PATH`` (a local
+checkout of upstream OliverRensu/xAR, which has no package; never downloaded here) times its train step at
+256 tokens, depth 8+8 and ``--xar_width`` beside ours; without it the script says that the upstream xAR
+step was not timed. Upstream imports ``flash_attn`` (unused by its training forward) and calls
+``.cuda()``: on a CPU-only machine the subprocess stands in an empty ``flash_attn`` module and makes
+``.cuda()`` the identity. The PyTorch side runs in a subprocess outside the repository (``TorchStepper``),
+warmed up, then stepped once per round right after our step, so both sides see the same load: timed one
+after the other, a loaded machine made torch look several times slower than it is (its spinning OpenMP
+threads suffer more from contention than XLA's), which earlier versions of this script reported as
+ratios of 0.39 (DiT) and 0.13 (xAR). ``--xar=off`` skips xAR; ``--xar_barrier=off,on`` compiles it without
+and with ``layers.grad_fusion_barrier`` at each block input (no change: largest fusion 423 instructions
+either way, so xAR has no barrier); ``--xar_dropout=bernoulli,packed`` compiles it with one
+``jax.random.bernoulli`` float per dropout element (as before) and with ``layers.dropout``'s two 16-bit
+masks per threefry word. Measured interleaved on the quiet machine (``--models=S --torch_ref=PATH
+--xar_dropout=bernoulli,packed --steps=5``): DiT-S/2 2.77 s / diffusers 2.37 s = 1.17 wall, 1.12 CPU;
+model FLOP/s / matmul FLOP/s 0.57 (0.59 per CPU-second). xAR (width 128, batch 8): bernoulli 1.00 s /
+upstream 0.99 s = 1.02; packed (with the per-entity rows broadcast, ``models.xar.rows_of_entities``)
+0.94 s / 1.07 s = 0.89 wall, 0.81 CPU; 0.29 of the matmul FLOP/s. Dropout's 36.3M mask elements take
+0.81 s of CPU on their own with bernoulli, 0.49 s packed. In a ``jax.profiler`` trace of the DiT-S/2 step
+~2.1 of its 2.8 s are dots (YNNPACK, and Eigen for the transposed-operand weight and attention gradients)
+near this machine's matmul rate; the rest are XLA:CPU loop fusions, each a one-thread thunk (the step on
+one core takes 4.8 s, on two 2.9 s). ``--xla_flags`` tried without an effect beyond the noise: oneDNN,
+XNNPACK, YNNPACK fusion types (dot, eltwise, reduce), fusion emitters off, vector width 512, fast math.
 """
 
 from __future__ import annotations
