@@ -570,6 +570,17 @@ def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmu
                 ratio=model_flops / step / peak, compile_s=compile_s, loss=loss, batch=batch, tokens=tokens)
 
 
+def print_against_reference(ours: dict, name: str) -> None:
+    """One line: our step / the PyTorch reference's step, from the steps interleaved with ``ours``' rounds."""
+    ref = ours["ref"]
+    print(f"\n{ours['model']} batch {ours['batch']}, {ref['steps']} steps interleaved: ours "
+          f"{ours['step'] * 1e3:.0f} ms ({ours['params'] / 1e6:.2f}M params) / {name} {ref['step'] * 1e3:.0f} ms "
+          f"({ref['params'] / 1e6:.2f}M params, torch {ref['threads']} threads) = {ours['step'] / ref['step']:.2f} "
+          f"(target <= 0.8); process CPU time {ours['cpu_step']:.2f} s / {ref['cpu_step']:.2f} s = "
+          f"{ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s {ours['model_gflop'] / ref['step']:.1f} GFLOP/s",
+          flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="S,B", help="comma-separated DiT sizes: S, B")
@@ -652,13 +663,7 @@ def main():
     if dit_ref is not None:
         dit_ref.close()
     for ours in (r for r in rows if r["ref"] is not None):
-        ref = ours["ref"]
-        print(f"\n{ours['model']} batch {args.batch_s}, {ref['steps']} steps interleaved: ours {ours['step'] * 1e3:.0f} ms ({ours['params'] / 1e6:.1f}M "
-              f"params) / diffusers DiTTransformer2DModel {ref['step'] * 1e3:.0f} ms ({ref['params'] / 1e6:.1f}M "
-              f"params, torch {ref['threads']} threads) = {ours['step'] / ref['step']:.2f} (target <= 0.8); "
-              f"process CPU time {ours['cpu_step']:.2f} s / {ref['cpu_step']:.2f} s = "
-              f"{ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s "
-              f"{3.0 * dit_forward_flops(ours['config_model']) * args.batch_s / ref['step'] / 1e9:.1f} GFLOP/s")
+        print_against_reference(ours, "diffusers DiTTransformer2DModel")
     xar_barriers = [{"off": False, "on": True}[v.strip()] for v in args.xar_barrier.split(",") if v.strip()]
     xar_ref = (torch_xar_step(ref_dir, args.xar_width, args.xar_heads, args.xar_batch, args.warmup)
                if args.torch_ref and args.xar == "on" else None)
@@ -685,13 +690,7 @@ def main():
               f"= {r['ratio']:.2f} (target >= 0.6); per process-CPU second {r['ratio_cpu']:.2f}", flush=True)
     if xar_rows and args.torch_ref:
         for ours in (r for r in xar_rows if r["ref"] is not None):
-            ref = ours["ref"]
-            print(f"\n{ours['model']} batch {args.xar_batch}, {ref['steps']} steps interleaved: ours {ours['step'] * 1e3:.0f} ms "
-                  f"({ours['params'] / 1e6:.2f}M params) / upstream xAR {ref['step'] * 1e3:.0f} ms "
-                  f"({ref['params'] / 1e6:.2f}M params, torch {ref['threads']} threads) = "
-                  f"{ours['step'] / ref['step']:.2f} (target <= 0.8); process CPU time {ours['cpu_step']:.2f} s / "
-                  f"{ref['cpu_step']:.2f} s = {ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s "
-                  f"{ours['model_gflop'] / ref['step']:.1f} GFLOP/s", flush=True)
+            print_against_reference(ours, "upstream xAR")
     elif xar_rows:
         print("\nxAR: no --torch_ref=PATH given (a local checkout of upstream OliverRensu/xAR, which has no "
               "package); the upstream xAR step is not timed")
