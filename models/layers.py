@@ -67,9 +67,6 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-DROPOUT_BITS = 16  # bits of uniform integer per mask element; each 32-bit threefry word gives 32 // 16 masks
-
-
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation, sampling).
 
@@ -84,15 +81,12 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
         return x
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-    levels = 2 ** DROPOUT_BITS
-    threshold = round(rate * levels)
-    keep_prob = 1.0 - threshold / levels
+    threshold = round(rate * 2**16)
+    keep_prob = 1.0 - threshold / 2**16
     shape = x.shape if x.ndim else (1,)
-    per_word = 32 // DROPOUT_BITS
     n = shape[-1]
-    words = -(-n // per_word)
-    bits = jax.random.bits(rng, shape[:-1] + (words,), jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(shape[:-1] + (words * per_word,))
+    words = jax.random.bits(rng, shape[:-1] + ((n + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape[:-1] + (2 * ((n + 1) // 2),))
     keep = (halves[..., :n] >= threshold).reshape(x.shape)
     return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 

@@ -334,6 +334,19 @@ def test_dropout_mask_rate_scale_and_independence():
         layers.dropout(x, 1.0, jax.random.PRNGKey(0))
 
 
+def test_rows_of_entities_equals_the_gather():
+    """Static sorted maps become broadcasts (runs of equal-sized entities); others stay a gather; same values."""
+    values = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 5))
+    maps = [np.repeat(np.arange(4), 64), np.repeat(np.arange(4), [1, 4, 16, 16]), np.zeros(9, np.int32),
+            np.array([2, 2, 3, 3, 4]), np.array([0, 2, 1]), np.array([0, 0, 2, 2]), np.repeat(np.arange(7), 3)]
+    for row_entity in maps:
+        want = jnp.take(values, jnp.asarray(row_entity), axis=1)
+        np.testing.assert_array_equal(xar.rows_of_entities(values, row_entity), want)
+        np.testing.assert_array_equal(xar.rows_of_entities(values[..., 0], row_entity), want[..., 0])
+    traced = jax.jit(xar.rows_of_entities)(values, jnp.asarray(maps[1]))
+    np.testing.assert_array_equal(traced, jnp.take(values, jnp.asarray(maps[1]), axis=1))
+
+
 def test_remat_gives_the_same_loss_and_gradients(tiny):
     """config.model.remat recomputes every block in the backward pass (xAR-H's memory plan); the training
     loss, with dropout, and every gradient stay the same; sampling's cached path is untouched."""
