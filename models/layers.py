@@ -23,6 +23,17 @@ zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
 
+def abstract_module(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+    """``build(rngs)`` as an abstract module (ShapeDtypeStruct values, no parameter computed).
+
+    The key is an argument of the traced function, not a constant in it: a constant key would let
+    ``jax.ensure_compile_time_eval`` (pretrained weights read while a train state is being traced)
+    run every initialiser eagerly, one XLA compile per parameter shape (a MaskGIT-VQGAN teacher:
+    6.6 s instead of 0.2 s; a DINOv2-B teacher's 86M random numbers).
+    """
+    return nnx.eval_shape(lambda key: build(nnx.Rngs(key)), jax.random.key(0))
+
+
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *, rngs: nnx.Rngs,
           use_bias: bool = True, kernel_init=xavier_uniform, bias_init=zeros, dtype=jnp.float32) -> nnx.Linear:
     """nnx.Linear whose kernel (in, out) and bias (out,) carry logical axis names."""

@@ -741,7 +741,7 @@ def import_tokenbridge(state_dict: dict[str, np.ndarray], config) -> dict:
             state_dict = {k[len(wrapper) + 1:]: v for k, v in state_dict.items() if k.startswith(wrapper + ".")}
             break
     method = TokenBridge(config)
-    abstract = nnx.eval_shape(lambda: method.create_model(nnx.Rngs(0)))  # shapes only: no init of 900M params
+    abstract = layers.abstract_module(method.create_model)  # shapes only: no init of 900M params
     return jax.tree.map(jnp.asarray, _checked_params(state_dict, abstract))
 
 

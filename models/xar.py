@@ -705,7 +705,7 @@ def import_xar(state_dict: dict[str, np.ndarray], config) -> dict:
             state_dict = {k[len(wrapper) + 1:]: v for k, v in state_dict.items() if k.startswith(wrapper + ".")}
             break
     method = XAR(config)
-    abstract = nnx.eval_shape(lambda: method.create_model(nnx.Rngs(0)))  # shapes only: no init of 1B params
+    abstract = layers.abstract_module(method.create_model)  # shapes only: no init of 1B params
     params = params_from_torch(state_dict, abstract)
     expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     if jax.tree.structure(params) != jax.tree.structure(expected):

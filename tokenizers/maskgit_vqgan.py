@@ -215,7 +215,7 @@ def validate_vqgan_config(cfg, field: str) -> None:
 
 
 def abstract_params(kwargs) -> dict:
-    model = nnx.eval_shape(lambda: MaskGITVQGAN(**kwargs, rngs=nnx.Rngs(0)))
+    model = layers.abstract_module(lambda rngs: MaskGITVQGAN(**kwargs, rngs=rngs))
     return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
 
 
@@ -273,7 +273,7 @@ IMPORTERS = {"maskgit_vqgan": import_maskgit_vqgan}
 
 
 def merge(kwargs, params) -> MaskGITVQGAN:
-    return merge_module(nnx.eval_shape(lambda: MaskGITVQGAN(**kwargs, rngs=nnx.Rngs(0))), params)
+    return merge_module(layers.abstract_module(lambda rngs: MaskGITVQGAN(**kwargs, rngs=rngs)), params)
 
 
 def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:

@@ -35,6 +35,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from models import layers
+
 # config.model.name -> "module:Class". Lazy, so that a run imports only its method.
 METHODS: dict[str, str] = {
     "dit": "models.dit:DiTMethod",
@@ -111,7 +113,7 @@ class ModelDef:
     """
 
     def __init__(self, method: Method):
-        abstract = nnx.eval_shape(lambda: method.create_model(nnx.Rngs(0)))
+        abstract = layers.abstract_module(method.create_model)
         self.graphdef, self.abstract_params, self.abstract_rest = nnx.split(abstract, nnx.Param, ...)
         self._method = method
 

@@ -152,7 +152,7 @@ def params_from_torch(state_dict: dict, *, width: int, depth: int, heads: int, g
     for k in list(sd):
         if k.endswith((".ls1.gamma", ".ls2.gamma")):
             sd[k.removesuffix(".gamma")] = sd.pop(k)
-    abstract = nnx.eval_shape(lambda: DINOv2(width=width, depth=depth, heads=heads, grid=grid, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: DINOv2(width=width, depth=depth, heads=heads, grid=grid, rngs=rngs))
     expected = nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
     return torch_to_params(sd, expected, what="DINOv2 checkpoint")
 
@@ -171,5 +171,5 @@ def load_params(path, *, size: str = "b", grid: int = 16, config_field: str = "c
 
 
 def merge(params, *, width: int, depth: int, heads: int, grid: int) -> DINOv2:
-    abstract = nnx.eval_shape(lambda: DINOv2(width=width, depth=depth, heads=heads, grid=grid, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: DINOv2(width=width, depth=depth, heads=heads, grid=grid, rngs=rngs))
     return merge_module(abstract, params)
