@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eval import domain, harness, main as eval_main, make_ref, reference
+from tests.conftest import TEST_XLA_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,7 @@ def test_batched_apply_over_several_devices_keeps_order_and_drops_padding():
             "o = batched_apply(f, x, batch_size=3, progress=False)['s']\n"
             "assert len(jax.devices()) == 4 and o.shape == (11,)\n"
             "np.testing.assert_allclose(o, (x * x).sum((1, 2, 3)), rtol=1e-6)\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}",
+               JAX_PLATFORMS="cpu")
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)

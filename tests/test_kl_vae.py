@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from configs import kl_vae_f16  # noqa: E402
 from tokenizers import kl_vae  # noqa: E402
 from trainers import convert  # noqa: E402
-from tests.conftest import run_python  # noqa: E402
+from tests.conftest import TEST_XLA_FLAGS, run_python  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "golden" / "kl16_vae.npz"
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ def test_short_training_run_reduces_reconstruction_error(tmp_path):
 
 @pytest.mark.slow
 def test_sharded_train_step_matches_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, __file__, "sharded-worker"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)

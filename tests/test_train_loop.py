@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_DIT_OVERRIDES, run_python, tiny_dit_config
+from tests.conftest import REPO, TEST_XLA_FLAGS, TINY_DIT_OVERRIDES, run_python, tiny_dit_config
 
 DEMO = "configs/dit_s.py:demo"
 
@@ -75,7 +75,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
     cmd = [sys.executable, *train_args(workdir, "--config.num_steps=100000", "--config.checkpoint_every=100000",
                                        "--config.num_grid_samples=0")]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = workdir / "metrics.jsonl"
     for _ in range(1500):  # poll (at most ~5 min) until three steps are logged
@@ -145,7 +145,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     multi = tmp_path / "multi"
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS
     procs = [subprocess.Popen([sys.executable, *train_args(multi, *common), f"--coordinator=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
