@@ -376,7 +376,7 @@ def import_gpt(state_dict: dict[str, np.ndarray], config) -> dict:
         if key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
-    model = nnx.eval_shape(lambda: LlamaGenGPT(config).create_model(nnx.Rngs(0)))
+    model = layers.abstract_module(lambda rngs: LlamaGenGPT(config).create_model(rngs))
     if _n_layer(sd) != len(model.layers):
         raise ValueError(f"checkpoint has {_n_layer(sd)} layers; config.model.n_layer={len(model.layers)}")
     ours = params_from_torch(sd, len(model.layers))

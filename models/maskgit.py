@@ -277,7 +277,7 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> 
     extra = sorted(set(sd) - used)
     if extra:
         raise ValueError(f"ImageBert checkpoint has keys the model does not: {extra[:8]} ({len(extra)})")
-    abstract = nnx.eval_shape(lambda: ImageBert(**model_kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: ImageBert(**model_kwargs, rngs=rngs))
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
             jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1]))}
     got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(params)}
@@ -289,7 +289,7 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> 
 
 
 def merge(model_kwargs, params) -> ImageBert:
-    return merge_module(nnx.eval_shape(lambda: ImageBert(**model_kwargs, rngs=nnx.Rngs(0))), params)
+    return merge_module(layers.abstract_module(lambda rngs: ImageBert(**model_kwargs, rngs=rngs)), params)
 
 
 def fixture_check(meta, params, buffers, inputs) -> dict[str, np.ndarray]:

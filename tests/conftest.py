@@ -101,13 +101,16 @@ def _tiny_run(c, overrides):
     return c
 
 
-def run_python(args, *, env=None, timeout=600, check=True, cwd=REPO):
-    """Run `python args...` from the repo root; returns the CompletedProcess (stdout+stderr merged)."""
+def run_python(args, *, env=None, timeout=600, check=True, cwd=REPO, optimize=False):
+    """Run `python args...` from the repo root; returns the CompletedProcess (stdout+stderr merged).
+    ``optimize``: compile at XLA's default optimisation level, for a process whose runtime outweighs its
+    compiles (encoding the whole embedded dataset), instead of ``TEST_XLA_FLAGS``."""
     full_env = dict(os.environ)
     full_env.setdefault("JAX_PLATFORMS", "cpu")
     full_env.pop("XLA_FLAGS", None)
     full_env.update(env or {})
-    full_env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
+    if not optimize:
+        full_env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from models import layers
 from trainers import sharding  # noqa: F401  (sets flax_always_shard_variable=False before any Param exists)
 from trainers.method import Method, ModelDef
 from tokenizers import losses
@@ -433,11 +434,11 @@ def _fixture_model(meta) -> AutoencoderKL:
     top = meta["constructor"]["AutoencoderKL"]
     if enc.get("dropout", 0.0) or dec.get("dropout", 0.0):
         raise ValueError("fixture uses dropout; the port implements eval mode without dropout")
-    return nnx.eval_shape(lambda: AutoencoderKL(
+    return layers.abstract_module(lambda rngs: AutoencoderKL(
         embed_dim=top["embed_dim"], ch=enc["ch"], ch_mult=tuple(top["ch_mult"]), num_res_blocks=enc["num_res_blocks"],
         enc_attn_resolutions=tuple(enc["attn_resolutions"]), dec_attn_resolutions=tuple(dec["attn_resolutions"]),
         resolution=enc["resolution"], in_channels=enc["in_channels"], out_ch=dec["out_ch"],
-        use_variational=top.get("use_variational", True), rngs=nnx.Rngs(0)))
+        use_variational=top.get("use_variational", True), rngs=rngs))
 
 
 def fixture_check_kl16_vae(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
@@ -467,7 +468,7 @@ _LPIPS_ABSTRACT: list = []
 
 def _lpips_model():
     if not _LPIPS_ABSTRACT:
-        _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
+        _LPIPS_ABSTRACT.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
     return _LPIPS_ABSTRACT[0]
 
 
@@ -582,7 +583,7 @@ class KLVAEMethod(Method):
 
     # -- GAN training: a pure train state and step with two optimizers
     def _disc_abstract(self):
-        return nnx.eval_shape(lambda: _discriminator(self.config, nnx.Rngs(0)))
+        return layers.abstract_module(lambda rngs: _discriminator(self.config, rngs))
 
     def init_train_state(self, rng: jax.Array) -> dict:
         """The GAN train state, a pytree of pure dicts, optax states and arrays (orbax-saveable).

@@ -274,7 +274,7 @@ def params_from_torch(state_dict, kwargs) -> dict:
     """Pure params of :class:`OneDPiece` from upstream's state_dict (``encoder.*``, ``decoder.*``,
     ``latent_tokens``, ``quantize.embedding.weight``, and in stage 2 ``pixel_quantize.*`` and
     ``pixel_decoder.*``); EMA/training-only keys of a training checkpoint are refused by name."""
-    abstract = nnx.eval_shape(lambda: OneDPiece(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: OneDPiece(**kwargs, rngs=rngs))
     expected = nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
     return torch_to_params(state_dict, expected, rename=regex_rename(TORCH_RENAMES), what="One-D-Piece checkpoint")
 
@@ -313,7 +313,7 @@ IMPORTERS = {"one_d_piece": import_one_d_piece}
 
 
 def _merge(kwargs, params) -> OneDPiece:
-    return merge_module(nnx.eval_shape(lambda: OneDPiece(**kwargs, rngs=nnx.Rngs(0))), params)
+    return merge_module(layers.abstract_module(lambda rngs: OneDPiece(**kwargs, rngs=rngs)), params)
 
 
 def fixture_kwargs(meta) -> dict:
@@ -572,8 +572,8 @@ class OneDPieceMethod(Method):
         out = {"step": repl, "params": gen, "ema_params": gen, "opt_state": opt(abstract_state["opt_state"], gen),
                "rest": self.model_def.rest_shardings(mesh)}
         if self.stage == 2:
-            disc = nnx.to_pure_dict(sh.state_shardings(nnx.split(nnx.eval_shape(
-                lambda: self._discriminator(nnx.Rngs(0))), nnx.Param, ...)[1], mesh))
+            disc = nnx.to_pure_dict(sh.state_shardings(nnx.split(layers.abstract_module(
+                self._discriminator), nnx.Param, ...)[1], mesh))
             out.update(disc={"params": disc, "opt_state": opt(abstract_state["disc"]["opt_state"], disc)},
                        lecam={"real": repl, "fake": repl}, convnext=jax.tree.map(lambda _: repl,
                                                                                    abstract_state["convnext"]))
@@ -616,7 +616,7 @@ class OneDPieceMethod(Method):
         else:
             from models.pretrained import convnext
 
-            disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
+            disc_abstract = layers.abstract_module(lambda rngs: self._discriminator(rngs))
             gan_on = step >= int(lc.discriminator_start)
             factor = jnp.where(gan_on, float(lc.discriminator_factor), 0.0)
 

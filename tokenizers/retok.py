@@ -342,7 +342,7 @@ def _rename(key):
 
 
 def abstract_params(kwargs) -> dict:
-    abstract = nnx.eval_shape(lambda: ReTok(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: ReTok(**kwargs, rngs=rngs))
     return nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
 
 
@@ -366,7 +366,7 @@ def params_from_torch(state_dict, kwargs) -> dict:
 
 
 def merge(kwargs, params) -> ReTok:
-    return merge_module(nnx.eval_shape(lambda: ReTok(**kwargs, rngs=nnx.Rngs(0))), params)
+    return merge_module(layers.abstract_module(lambda rngs: ReTok(**kwargs, rngs=rngs)), params)
 
 
 def _size_tables(meta) -> dict:
@@ -669,7 +669,7 @@ class ReTokMethod(Method):
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-        disc = losses.discriminator_shardings(nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0))),
+        disc = losses.discriminator_shardings(layers.abstract_module(lambda rngs: self._discriminator(rngs)),
                                               abstract_state["disc"]["opt_state"], mesh)
         return {"step": repl, "params": gen, "ema_params": gen,
                 "opt_state": opt_state_shardings(abstract_state["opt_state"], gen, repl),
@@ -711,7 +711,7 @@ class ReTokMethod(Method):
         w_sem = self.hsr_weights(k) * jnp.where(finetune, 0.0, 1.0)
         gan_factor = losses.adopt_weight(1.0, step, int(lc.disc_start))
         aux_on = jnp.where(step < int(lc.aux_loss_end), 1.0, 0.0)
-        disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
+        disc_abstract = layers.abstract_module(lambda rngs: self._discriminator(rngs))
 
         target = None
         if use_hsr:
@@ -770,5 +770,5 @@ _LPIPS_ABSTRACT: list = []
 
 def _lpips_abstract():
     if not _LPIPS_ABSTRACT:
-        _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
+        _LPIPS_ABSTRACT.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
     return _LPIPS_ABSTRACT[0]

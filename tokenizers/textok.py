@@ -481,7 +481,7 @@ class TexTokMethod(Method):
         return losses.NLayerDiscriminator(int(d.channels), int(lc.disc_filters), int(lc.disc_layers), rngs=rngs)
 
     def _disc_abstract(self):
-        return nnx.eval_shape(lambda: self.discriminator(nnx.Rngs(0)))
+        return layers.abstract_module(lambda rngs: self.discriminator(rngs))
 
     @property
     def gan(self) -> bool:
@@ -578,7 +578,7 @@ _LPIPS: list = []
 
 def _lpips_abstract():
     if not _LPIPS:
-        _LPIPS.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
+        _LPIPS.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
     return _LPIPS[0]
 
 

@@ -624,8 +624,8 @@ class TokenFlowMethod(Method):
         return jax.tree.map(jnp.asarray, params), rest
 
     def teacher_module(self):
-        return nnx.eval_shape(lambda: semantic_encoder(self.kwargs["teacher"], **teacher_kwargs(self.kwargs),
-                                                        rngs=nnx.Rngs(0)))
+        return layers.abstract_module(lambda rngs: semantic_encoder(self.kwargs["teacher"],
+                                                                    **teacher_kwargs(self.kwargs), rngs=rngs))
 
     def uses_teacher(self) -> bool:
         return float(self.config.model.loss.semantic_weight) > 0
@@ -690,7 +690,7 @@ class TokenFlowMethod(Method):
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-        disc = losses.discriminator_shardings(nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0))),
+        disc = losses.discriminator_shardings(layers.abstract_module(lambda rngs: self._discriminator(rngs)),
                                               abstract_state["disc"]["opt_state"], mesh)
         return {"step": repl, "params": gen, "ema_params": gen,
                 "opt_state": opt_state_shardings(abstract_state["opt_state"], gen, repl),
@@ -710,7 +710,7 @@ class TokenFlowMethod(Method):
         finetune = (step >= start) if start >= 0 else jnp.asarray(False)
         gan_factor = losses.adopt_weight(1.0, step, int(lc.disc_start))
         keep = scale_keep(rng, len(self.kwargs["scales"]), float(m.scale_drop_prob))
-        disc_abstract = nnx.eval_shape(lambda: self._discriminator(nnx.Rngs(0)))
+        disc_abstract = layers.abstract_module(lambda rngs: self._discriminator(rngs))
 
         target = None
         if self.uses_teacher():
@@ -790,5 +790,5 @@ _LPIPS_ABSTRACT: list = []
 def _lpips_abstract():
     """The abstract LPIPS module (built once; its weights are the train state's ``lpips``)."""
     if not _LPIPS_ABSTRACT:
-        _LPIPS_ABSTRACT.append(nnx.eval_shape(lambda: losses.LPIPS(nnx.Rngs(0))))
+        _LPIPS_ABSTRACT.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
     return _LPIPS_ABSTRACT[0]

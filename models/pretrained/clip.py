@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from eval.resize import torch_bicubic
+from models import layers
 from models.pretrained import (clamped_normalise, merge_module, read_weights, regex_rename, require_file,
                                torch_to_params)
 from tokenizers import vit
@@ -130,7 +131,7 @@ def params_from_torch(state_dict: dict, *, prefix: str = "", **kwargs) -> dict:
     for key in ("class_embedding", "positional_embedding"):
         if key in sd:
             sd[key] = sd[key].reshape((1, -1, sd[key].shape[-1]))
-    abstract = nnx.eval_shape(lambda: VisionTransformer(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: VisionTransformer(**kwargs, rngs=rngs))
     expected = nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
     return torch_to_params(sd, expected, rename=regex_rename(RENAMES), what="CLIP visual state_dict")
 
@@ -178,5 +179,5 @@ def load_state_dict(path, config_field: str) -> dict:
 
 
 def merge(params, **kwargs) -> VisionTransformer:
-    abstract = nnx.eval_shape(lambda: VisionTransformer(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: VisionTransformer(**kwargs, rngs=rngs))
     return merge_module(abstract, params)

@@ -126,7 +126,7 @@ def load_params(path, size: str = "small", *, config_field: str = "config.model.
 
 def merge(params, size: str = "small") -> ConvNeXt:
     depths, dims = SIZES[size]
-    abstract = nnx.eval_shape(lambda: ConvNeXt(depths, dims, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: ConvNeXt(depths, dims, rngs=rngs))
     return merge_module(abstract, params)
 
 

@@ -146,7 +146,7 @@ def params_from_torch(state_dict: dict, *, prefix: str = "", **kwargs) -> dict:
             or (k.startswith("head.") and not kwargs.get("head", True))]
     for k in drop:
         sd.pop(k)
-    abstract = nnx.eval_shape(lambda: SiglipVision(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: SiglipVision(**kwargs, rngs=rngs))
     expected = nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
     return torch_to_params(sd, expected, rename=regex_rename(HF_RENAMES), what="SigLIP vision state_dict")
 
@@ -166,5 +166,5 @@ def tokenflow_kwargs(*, width: int, depth: int, heads: int, mlp_dim: int, patch_
 
 
 def merge(params, **kwargs) -> SiglipVision:
-    abstract = nnx.eval_shape(lambda: SiglipVision(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: SiglipVision(**kwargs, rngs=rngs))
     return merge_module(abstract, params)

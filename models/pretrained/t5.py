@@ -345,7 +345,7 @@ def read_config(folder: str | Path, repo: str | None = None) -> T5Config:
 
 def build(cfg: T5Config, params: dict | None = None, *, dtype=jnp.float32) -> T5Encoder:
     """A T5Encoder with ``params`` (pure dict, e.g. from :func:`params_from_hf`); random if None."""
-    model = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)) if params is not None \
+    model = layers.abstract_module(lambda rngs: T5Encoder(cfg, rngs=rngs, dtype=dtype)) if params is not None \
         else T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)
     return merge_module(model, params) if params is not None else model
 

@@ -190,7 +190,7 @@ def params_from_torch(state_dict: dict, *, prefix: str = "", **kwargs) -> dict:
     sd = timm_state_dict(state_dict, prefix)
     if not kwargs.get("num_classes", 0):
         sd = {k: v for k, v in sd.items() if not k.startswith(("fc_norm.", "head."))}
-    abstract = nnx.eval_shape(lambda: ViTamin(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: ViTamin(**kwargs, rngs=rngs))
     expected = nnx.to_pure_dict(nnx.split(abstract, nnx.Param, ...)[1])
     return torch_to_params(sd, expected, rename=regex_rename(TIMM_RENAMES), what="ViTamin state_dict")
 
@@ -202,5 +202,5 @@ def load_state_dict(path, config_field: str) -> dict:
 
 
 def merge(params, **kwargs) -> ViTamin:
-    abstract = nnx.eval_shape(lambda: ViTamin(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = layers.abstract_module(lambda rngs: ViTamin(**kwargs, rngs=rngs))
     return merge_module(abstract, params)
