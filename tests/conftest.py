@@ -36,7 +36,8 @@ _OWN_CACHE = _share_compilation_cache()
 # passes (fusion, layout, simplification) run as in a user's run. Set for this process (before any
 # backend starts) and passed to every process the tests start (``run_python``).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # also imported by the tests' worker scripts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 
 
 def pytest_unconfigure(config):
