@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokenizers import quantizers, tokenflow
+from tokenizers import losses, quantizers, tokenflow
 from trainers import convert
 
 TINY = dict(image_size=16, in_channels=1, patch_size=4, sem_width=32, sem_depth=1, sem_heads=2, ch=32,
@@ -114,7 +114,7 @@ def test_demo_train_step_traces_with_the_student_init_teacher():
     c.model.vqkd.update(width=32, depth=1, heads=2)
     c.data.channels, c.model.loss.perceptual_weight = 3, 1.0  # with the LPIPS term (RGB)
     method = get_method(c)
-    lpips = nnx.to_pure_dict(nnx.state(tokenflow._lpips_abstract(), nnx.Param))
+    lpips = nnx.to_pure_dict(nnx.state(losses.lpips_abstract(), nnx.Param))
     method._frozen["lpips"] = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), lpips)  # (no VGG16 file here)
     method.validate_config(c)
     state = traced_train_step(method, 4)
@@ -155,7 +155,7 @@ def test_clipb_at_256_interpolates_the_trained_position_tables():
         patch = torch.nn.functional.interpolate(patch, scale_factor=(16.1 / 14, 16.1 / 14), mode="bicubic")
         ref[part][name] = np.concatenate([table[:, :1], patch.permute(0, 2, 3, 1).reshape(1, 256, 32).numpy()], 1)
     # the reference: the same weights with torch's interpolated 16 x 16 tables stored
-    reference = tokenflow._merge(lambda: tokenflow.TokenFlow(**{**kw, "position_grid": 16}, rngs=nnx.Rngs(0)), ref)
+    reference = tokenflow._merge(lambda rngs: tokenflow.TokenFlow(**{**kw, "position_grid": 16}, rngs=rngs), ref)
     x = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3), minval=-1.0, maxval=1.0)
 
     @jax.jit
@@ -243,7 +243,7 @@ def test_released_checkpoint_layout_imports_completely(golden):
     bias = out["decoder_vqkd"]["blocks"][0]["attn"]["qkv"]["bias"]
     np.testing.assert_array_equal(bias[64:128], 0.0)
     np.testing.assert_array_equal(bias[:64], params["decoder_vqkd.blocks.0.attn.q_bias"])
-    model = tokenflow._merge(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)), out)
+    model = tokenflow._merge(lambda rngs: tokenflow.TokenFlow(**kwargs, rngs=rngs), out)
     assert jax.eval_shape(model.encode, jnp.zeros((1, 64, 64, 3)))["indices"].shape == (1, 21)
 
 
@@ -544,6 +544,6 @@ def test_siglip_released_layout_imports_completely(golden):
     assert len(out["encoder_vqkd"]["blocks"]) == 2
     np.testing.assert_array_equal(out["encoder_vqkd"]["position_embedding"],
                                   sd["encoder_vqkd.vision_model.embeddings.position_embedding.weight"])
-    model = tokenflow._merge(lambda: tokenflow.TokenFlow(**kwargs, rngs=nnx.Rngs(0)), out)
+    model = tokenflow._merge(lambda rngs: tokenflow.TokenFlow(**kwargs, rngs=rngs), out)
     image = jax.eval_shape(lambda x: model.decode_code(model.encode(x)["indices"])[1], jnp.zeros((1, 64, 64, 3)))
     assert image.shape == (1, 64, 64, 3)

@@ -463,13 +463,6 @@ FIXTURE_CHECKS = {"kl16_vae": fixture_check_kl16_vae}
 # ----------------------------------------------------------------------------
 
 
-_LPIPS_ABSTRACT: list = []
-
-
-def _lpips_model():
-    if not _LPIPS_ABSTRACT:
-        _LPIPS_ABSTRACT.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
-    return _LPIPS_ABSTRACT[0]
 
 
 def _discriminator(config, rngs: nnx.Rngs) -> losses.NLayerDiscriminator:
@@ -562,7 +555,7 @@ class KLVAEMethod(Method):
         rec = losses.RECONSTRUCTION[lc.rec_loss](x, recon)
         metrics = {"rec_loss": jnp.mean(rec)}
         if lc.perceptual_weight > 0:
-            p = losses.merge_module(_lpips_model(), lpips_params)(jax.lax.stop_gradient(x), recon)
+            p = losses.merge_module(losses.lpips_abstract(), lpips_params)(jax.lax.stop_gradient(x), recon)
             rec = rec + lc.perceptual_weight * p[:, None, None, None]
             metrics["p_loss"] = jnp.mean(p)
         # LDM's logvar is a loss-module parameter left out of the optimizer, i.e. a constant.
@@ -617,7 +610,7 @@ class KLVAEMethod(Method):
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-        _, lp, _ = nnx.split(_lpips_model(), nnx.Param, ...)
+        _, lp, _ = nnx.split(losses.lpips_abstract(), nnx.Param, ...)
         lpips = nnx.to_pure_dict(sh.state_shardings(lp, mesh)) if abstract_state["lpips"] else {}
         return {
             "step": repl, "params": gen, "ema_params": gen,

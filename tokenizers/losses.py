@@ -13,6 +13,7 @@ as used by MaskGIT/TiTok. Images and features are NHWC.
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import pickle
 import struct
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from models import layers
 from models.pretrained import merge_module  # noqa: F401  (re-exported: the GAN-step pieces below)
 from trainers import sharding  # noqa: F401  (sets flax_always_shard_variable=False before any Param exists)
 
@@ -181,6 +183,12 @@ class LPIPS(nnx.Module):
             diff = (unit[:b] - unit[b:]) ** 2
             total = total + jnp.mean(lin(diff), axis=(1, 2, 3))
         return total
+
+
+@functools.cache
+def lpips_abstract() -> LPIPS:
+    """The abstract LPIPS module, built once per process (its weights live in a train state's ``lpips``)."""
+    return layers.abstract_module(LPIPS)
 
 
 def lpips_params_from_torch(vgg_state_dict: dict[str, np.ndarray], lin_state_dict: dict[str, np.ndarray]) -> dict:

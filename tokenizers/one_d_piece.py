@@ -616,7 +616,7 @@ class OneDPieceMethod(Method):
         else:
             from models.pretrained import convnext
 
-            disc_abstract = layers.abstract_module(lambda rngs: self._discriminator(rngs))
+            disc_abstract = layers.abstract_module(self._discriminator)
             gan_on = step >= int(lc.discriminator_start)
             factor = jnp.where(gan_on, float(lc.discriminator_factor), 0.0)
 

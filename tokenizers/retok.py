@@ -669,7 +669,7 @@ class ReTokMethod(Method):
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-        disc = losses.discriminator_shardings(layers.abstract_module(lambda rngs: self._discriminator(rngs)),
+        disc = losses.discriminator_shardings(layers.abstract_module(self._discriminator),
                                               abstract_state["disc"]["opt_state"], mesh)
         return {"step": repl, "params": gen, "ema_params": gen,
                 "opt_state": opt_state_shardings(abstract_state["opt_state"], gen, repl),
@@ -711,7 +711,7 @@ class ReTokMethod(Method):
         w_sem = self.hsr_weights(k) * jnp.where(finetune, 0.0, 1.0)
         gan_factor = losses.adopt_weight(1.0, step, int(lc.disc_start))
         aux_on = jnp.where(step < int(lc.aux_loss_end), 1.0, 0.0)
-        disc_abstract = layers.abstract_module(lambda rngs: self._discriminator(rngs))
+        disc_abstract = layers.abstract_module(self._discriminator)
 
         target = None
         if use_hsr:
@@ -736,7 +736,7 @@ class ReTokMethod(Method):
                 loss = loss + float(lc.vq_weight) * float(m.entropy_loss_ratio) * ent
                 out["entropy_loss"] = ent
             if float(lc.perceptual_weight) > 0:
-                p = jnp.mean(merge_module(_lpips_abstract(), state["lpips"])(x, recon))
+                p = jnp.mean(merge_module(losses.lpips_abstract(), state["lpips"])(x, recon))
                 loss = loss + float(lc.perceptual_weight) * p
                 out["perceptual_loss"] = p
             fea = jnp.mean(jnp.square(jax.lax.stop_gradient(s) - rec_spatial))
@@ -765,10 +765,3 @@ class ReTokMethod(Method):
                 "disc": disc}, aux
 
 
-_LPIPS_ABSTRACT: list = []
-
-
-def _lpips_abstract():
-    if not _LPIPS_ABSTRACT:
-        _LPIPS_ABSTRACT.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
-    return _LPIPS_ABSTRACT[0]

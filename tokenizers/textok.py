@@ -456,7 +456,7 @@ class TexTokMethod(Method):
         rec = jnp.mean(jnp.square(recon - x))
         loss, metrics = rec, {"rec_loss": rec}
         if lc.perceptual_weight > 0:
-            lpips = merge_module(_lpips_abstract(), lpips_params)
+            lpips = merge_module(losses.lpips_abstract(), lpips_params)
             p = jnp.mean(lpips(jax.lax.stop_gradient(x), recon))
             loss, metrics["p_loss"] = loss + lc.perceptual_weight * p, p
         if model.latent == "kl":
@@ -481,7 +481,7 @@ class TexTokMethod(Method):
         return losses.NLayerDiscriminator(int(d.channels), int(lc.disc_filters), int(lc.disc_layers), rngs=rngs)
 
     def _disc_abstract(self):
-        return layers.abstract_module(lambda rngs: self.discriminator(rngs))
+        return layers.abstract_module(self.discriminator)
 
     @property
     def gan(self) -> bool:
@@ -511,7 +511,7 @@ class TexTokMethod(Method):
         gen = train.state_shardings({"opt_state": abstract_state["opt_state"]}, self.model_def, mesh)
         disc_shapes = _Shapes(self._disc_abstract())
         disc = train.state_shardings({"opt_state": abstract_state["disc"]["opt_state"]}, disc_shapes, mesh)
-        lpips = (_Shapes(_lpips_abstract()).param_shardings(mesh) if abstract_state["lpips"] else {})
+        lpips = (_Shapes(losses.lpips_abstract()).param_shardings(mesh) if abstract_state["lpips"] else {})
         return {"step": repl, "params": gen["params"], "ema_params": gen["params"], "opt_state": gen["opt_state"],
                 "rest": gen["rest"], "disc": {"params": disc["params"], "rest": disc["rest"],
                                               "opt_state": disc["opt_state"]},
@@ -573,13 +573,6 @@ class TexTokMethod(Method):
         return new_state, metrics
 
 
-_LPIPS: list = []
-
-
-def _lpips_abstract():
-    if not _LPIPS:
-        _LPIPS.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
-    return _LPIPS[0]
 
 
 # ----------------------------------------------------------------------------

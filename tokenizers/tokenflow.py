@@ -279,13 +279,13 @@ def scale_keep(rng, n_scales: int, prob: float) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def _merge(module_fn, params):
-    """``module_fn()``'s module (built abstractly) with the pure ``params``."""
-    return merge_module(nnx.eval_shape(module_fn), params)
+def _merge(build, params):
+    """``build(rngs)``'s module (built abstractly) with the pure ``params``."""
+    return merge_module(layers.abstract_module(build), params)
 
 
-def _abstract(module_fn) -> dict:
-    return nnx.to_pure_dict(nnx.split(nnx.eval_shape(module_fn), nnx.Param, ...)[1])
+def _abstract(build) -> dict:
+    return nnx.to_pure_dict(nnx.split(layers.abstract_module(build), nnx.Param, ...)[1])
 
 
 TORCH_RENAMES = [
@@ -337,8 +337,8 @@ def fixture_check_vq(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
     if not qa.get("l2_norm", True):
         raise ValueError("tokenflow_vq fixture: l2_norm=False does not run upstream either")
     scales, size = [int(s) for s in c["scales"]], int(c["H"])
-    mk = lambda: _Quantizer(int(qa["n_e"]), tuple(qa["split"]), float(qa["beta"]),  # noqa: E731
-                            float(qa["entropy_loss_ratio"]), 1.0, nnx.Rngs(0))
+    mk = lambda rngs: _Quantizer(int(qa["n_e"]), tuple(qa["split"]), float(qa["beta"]),  # noqa: E731
+                                 float(qa["entropy_loss_ratio"]), 1.0, rngs)
     model = _merge(mk, torch_to_params(prepare_state_dict(params), _abstract(mk), rename=_rename,
                                        what="tokenflow_vq fixture"))
     h = jnp.asarray(inputs["h"]).transpose(0, 2, 3, 1)
@@ -388,7 +388,7 @@ def fixture_check_pixel(meta, params, buffers, inputs) -> dict[str, np.ndarray]:
     cnn = {k: (tuple(c["cnn"][k]) if k == "ch_mult" else int(c["cnn"][k]))
            for k in ("ch", "ch_mult", "num_res_blocks", "z_channels")}
     sem, code = int(c["semantic_code_dim"]), int(c["codebook_embed_dim"])
-    mk = lambda: _PixelParts(cnn, code, sem, v, int(c["decoder_out_dim"]), int(v["img_size"]), nnx.Rngs(0))  # noqa: E731
+    mk = lambda rngs: _PixelParts(cnn, code, sem, v, int(c["decoder_out_dim"]), int(v["img_size"]), rngs)  # noqa: E731
     model = _merge(mk, torch_to_params(prepare_state_dict({**params, **buffers}), _abstract(mk), rename=_rename,
                                        what="tokenflow_pixel fixture"))
     nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
@@ -690,7 +690,7 @@ class TokenFlowMethod(Method):
 
         repl = sh.replicated(mesh)
         gen = self.model_def.param_shardings(mesh)
-        disc = losses.discriminator_shardings(layers.abstract_module(lambda rngs: self._discriminator(rngs)),
+        disc = losses.discriminator_shardings(layers.abstract_module(self._discriminator),
                                               abstract_state["disc"]["opt_state"], mesh)
         return {"step": repl, "params": gen, "ema_params": gen,
                 "opt_state": opt_state_shardings(abstract_state["opt_state"], gen, repl),
@@ -710,7 +710,7 @@ class TokenFlowMethod(Method):
         finetune = (step >= start) if start >= 0 else jnp.asarray(False)
         gan_factor = losses.adopt_weight(1.0, step, int(lc.disc_start))
         keep = scale_keep(rng, len(self.kwargs["scales"]), float(m.scale_drop_prob))
-        disc_abstract = layers.abstract_module(lambda rngs: self._discriminator(rngs))
+        disc_abstract = layers.abstract_module(self._discriminator)
 
         target = None
         if self.uses_teacher():
@@ -728,7 +728,7 @@ class TokenFlowMethod(Method):
             out = {"l2_loss": l2, "semantic_loss": sem, "vq_loss": enc["codebook_loss"],
                    "commit_loss": enc["commitment_loss"], "entropy_loss": enc["entropy_loss"]}
             if float(lc.perceptual_weight) > 0:
-                p = jnp.mean(merge_module(_lpips_abstract(), state["lpips"])(x, recon))
+                p = jnp.mean(merge_module(losses.lpips_abstract(), state["lpips"])(x, recon))
                 loss = loss + float(lc.perceptual_weight) * p
                 out["perceptual_loss"] = p
             disc = merge_module(disc_abstract, state["disc"]["params"], state["disc"]["batch_stats"])
@@ -765,7 +765,7 @@ def params_from_torch(state_dict, kwargs) -> dict:
     ``SiglipVisionModel``, whose unused last layer, ``post_layernorm`` and ``head`` are dropped), the rest
     in upstream's names."""
     sd = prepare_state_dict(state_dict)
-    abstract = _abstract(lambda: TokenFlow(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = _abstract(lambda rngs: TokenFlow(**kwargs, rngs=rngs))
     rest = {k: v for k, v in sd.items() if not k.startswith("encoder_vqkd.")}
     out = torch_to_params(rest, {k: v for k, v in abstract.items() if k != "encoder_vqkd"}, rename=_rename,
                           what="TokenFlow checkpoint")
@@ -784,11 +784,3 @@ def import_tokenflow(state_dict, config) -> dict:
 IMPORTERS = {"tokenflow": import_tokenflow}
 
 
-_LPIPS_ABSTRACT: list = []
-
-
-def _lpips_abstract():
-    """The abstract LPIPS module (built once; its weights are the train state's ``lpips``)."""
-    if not _LPIPS_ABSTRACT:
-        _LPIPS_ABSTRACT.append(layers.abstract_module(lambda rngs: losses.LPIPS(rngs)))
-    return _LPIPS_ABSTRACT[0]
