@@ -78,15 +78,53 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.bits(key, shape, jnp.uint32)``, bit for bit, as one fusible elementwise expression.
+
+    jax lowers threefry on CPU as a rolled loop (``fori_loop`` over its five key-schedule groups, to keep
+    compiles short): each iteration is a separate pass over the whole counter array, and nothing fuses
+    into the consumer. This is the same Threefry-2x32 (20 rounds) on the same counters as jax's
+    partitionable ``random_bits`` (the row-major index of each element, ``counts_hi = 0``; the two output
+    words XORed), written out unrolled: XLA fuses it into one loop (16.8M words on this 2-core CPU:
+    54 ms vs 213 ms) and the counters are ``broadcasted_iota``s, which the SPMD partitioner splits like
+    jax's own. Typed threefry keys and raw ``uint32[2]`` keys (when threefry is the default implementation)
+    take this path; any other key (another PRNG implementation, non-partitionable threefry, 2**32 elements
+    or more) goes to ``jax.random.bits`` itself.
+    """
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a typed key: jax.random.key(...)
+        threefry = key.shape == () and jax.random.key_impl(key) == "threefry2x32"
+    else:  # a raw key, jax.random.PRNGKey(...): its meaning is the default implementation's
+        threefry = key.shape == (2,) and key.dtype == jnp.uint32 and jax.config.jax_default_prng_impl == "threefry2x32"
+    if not threefry or not jax.config.jax_threefry_partitionable or not shape or math.prod(shape) >= 2**32:
+        return jax.random.bits(key, shape, jnp.uint32)
+    u32 = jnp.uint32
+    k = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    ks = (k[0], k[1], k[0] ^ k[1] ^ u32(0x1BD11BDA))
+    strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1]
+    count = sum(jax.lax.broadcasted_iota(u32, shape, d) * u32(int(st)) for d, st in enumerate(strides))
+    x0, x1 = jnp.broadcast_to(ks[0], shape), count + ks[1]
+    for group in range(5):
+        for r in _THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << u32(r)) | (x1 >> u32(32 - r)))
+        x0 = x0 + ks[(group + 1) % 3]
+        x1 = x1 + ks[(group + 2) % 3] + u32(group + 1)
+    return x0 ^ x1
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation, sampling).
 
     An element is dropped when a 16-bit uniform integer is below ``round(rate * 2**16)`` (the drop rate
     within 2**-17 of ``rate``); kept elements are divided by that exact keep probability, so the
-    expectation is ``x``. The integers are the two halves of ``jax.random.bits``' 32-bit words: half the
-    threefry work of ``jax.random.bernoulli``'s one float per element (on CPU dropout's random bits were
-    a quarter of an xAR train step; ``benchmarks/train_step.py``). Threefry is partitionable, so the
-    mask does not depend on the sharding.
+    expectation is ``x``. The integers are the two halves of the 32-bit words of ``random_bits``
+    (``jax.random.bits``' numbers, fused): half the threefry work of ``jax.random.bernoulli``'s one float
+    per element, and a quarter of its time on CPU again from the fusion (dropout's random bits were a
+    quarter of an xAR train step; ``benchmarks/train_step.py``). Threefry is partitionable, so the mask
+    does not depend on the sharding.
     """
     if rng is None or rate == 0.0:
         return x
@@ -96,7 +134,7 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     keep_prob = 1.0 - threshold / 2**16
     shape = x.shape if x.ndim else (1,)
     n = shape[-1]
-    words = jax.random.bits(rng, shape[:-1] + ((n + 1) // 2,), jnp.uint32)
+    words = random_bits(rng, shape[:-1] + ((n + 1) // 2,))
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape[:-1] + (2 * ((n + 1) // 2),))
     keep = (halves[..., :n] >= threshold).reshape(x.shape)
     return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)

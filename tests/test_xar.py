@@ -334,6 +334,27 @@ def test_dropout_mask_rate_scale_and_independence():
         layers.dropout(x, 1.0, jax.random.PRNGKey(0))
 
 
+def test_random_bits_are_jax_random_bits_unrolled():
+    """layers.random_bits: jax.random.bits' uint32 words bit for bit (raw and typed threefry keys, derived
+    keys, any shape, jitted or vmapped), lowered without the rolled loop jax uses on CPU; other keys fall
+    back to jax.random.bits."""
+    keys = [jax.random.PRNGKey(0), jax.random.PRNGKey(12345), jax.random.fold_in(jax.random.PRNGKey(1), 7),
+            jax.random.split(jax.random.key(3))[1], jax.random.key(2**31 + 5)]
+    for key in keys:
+        for shape in [(1,), (7,), (3, 5), (2, 3, 4, 5), (2, 6, 257, 129)]:
+            want = jax.random.bits(key, shape, jnp.uint32)
+            np.testing.assert_array_equal(jax.jit(layers.random_bits, static_argnums=1)(key, shape), want)
+    batch = jax.random.split(jax.random.PRNGKey(9), 3)
+    np.testing.assert_array_equal(jax.vmap(lambda k: layers.random_bits(k, (4, 9)))(batch),
+                                  jax.vmap(lambda k: jax.random.bits(k, (4, 9), jnp.uint32))(batch))
+    hlo = jax.jit(layers.random_bits, static_argnums=1).lower(keys[0], (64, 128)).as_text()
+    assert "while" not in hlo and "threefry" not in hlo.lower()
+    if jax.default_backend() == "cpu":  # where jax's own lowering is the rolled loop
+        assert "while" in jax.jit(lambda k: jax.random.bits(k, (64, 128), jnp.uint32)).lower(keys[0]).as_text()
+    rbg = jax.random.key(0, impl="rbg")
+    np.testing.assert_array_equal(layers.random_bits(rbg, (5, 3)), jax.random.bits(rbg, (5, 3), jnp.uint32))
+
+
 def test_rows_of_entities_equals_the_gather():
     """Static sorted maps become broadcasts (runs of equal-sized entities); others stay a gather; same values."""
     values = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 5))
