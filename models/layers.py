@@ -43,6 +43,29 @@ def dense(in_features: int, out_features: int, names: tuple[str | None, str | No
         bias_init=nnx.with_partitioning(bias_init, (names[1],)), rngs=rngs)
 
 
+def dense_group(x: jax.Array, *denses: nnx.Linear) -> tuple[jax.Array, ...]:
+    """``tuple(d(x) for d in denses)`` as one matmul: the kernels stacked to (in, k, out), one dot_general,
+    then split (a SwiGLU's two input projections; the parameters stay the separate layers').
+
+    The output axis keeps its logical sharding (the stack adds an unsharded axis). On this 2-core CPU
+    xAR's fc1_g/fc1_x pair (2048x128 @ 128x341 each) is one 682-wide dot at 1.3x the rate of the two
+    (``benchmarks/train_step.py``); elsewhere it only saves a launch.
+    """
+    first = denses[0]
+    for d in denses[1:]:
+        if ((d.in_features, d.out_features, d.use_bias, d.dtype, d.precision, d.dot_general)
+                != (first.in_features, first.out_features, first.use_bias, first.dtype, first.precision,
+                    first.dot_general)):
+            raise ValueError("dense_group: the layers must agree in shape, bias, dtype, precision and dot_general")
+    kernel = jnp.stack([d.kernel[...] for d in denses], axis=1)
+    bias = jnp.stack([d.bias[...] for d in denses]) if first.use_bias else None
+    x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
+    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision)
+    if bias is not None:
+        y = y + bias
+    return tuple(y[..., i, :] for i in range(len(denses)))
+
+
 def conv(in_features: int, out_features: int, kernel_size: int | Sequence[int], *, rngs: nnx.Rngs,
          strides: int | Sequence[int] = 1, padding="SAME", use_bias: bool = True,
          out_name: str = "conv_out", kernel_init=nnx.initializers.lecun_normal(), bias_init=zeros,

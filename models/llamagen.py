@@ -60,7 +60,8 @@ class FeedForward(nnx.Module):
         self.w2 = layers.dense(hidden, dim, ("mlp", "embed"), use_bias=False, kernel_init=init, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
-        return self.w2(nnx.silu(self.w1(x)) * self.w3(x))
+        gate, value = layers.dense_group(x, self.w1, self.w3)
+        return self.w2(nnx.silu(gate) * value)
 
 
 class TransformerBlock(nnx.Module):

@@ -355,6 +355,31 @@ def test_random_bits_are_jax_random_bits_unrolled():
     np.testing.assert_array_equal(layers.random_bits(rbg, (5, 3)), jax.random.bits(rbg, (5, 3), jnp.uint32))
 
 
+def test_dense_group_is_the_separate_layers():
+    """layers.dense_group: the outputs and gradients of the separate nnx.Linear layers, with and without
+    bias, in float32 and bfloat16; mismatched layers are refused."""
+    rngs = nnx.Rngs(0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
+    for use_bias, dtype, tol in ((True, jnp.float32, 1e-6), (False, jnp.float32, 1e-6), (True, jnp.bfloat16, 2e-2)):
+        denses = [layers.dense(16, 24, ("embed", "mlp"), rngs=rngs, use_bias=use_bias, dtype=dtype,
+                               bias_init=nnx.initializers.normal(1.0)) for _ in range(3)]
+        for got, d in zip(layers.dense_group(x, *denses), denses, strict=True):
+            assert got.dtype == dtype
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(d(x), np.float32), atol=tol, rtol=tol)
+
+        def loss(ds, grouped):
+            outs = layers.dense_group(x, *ds) if grouped else [d(x) for d in ds]
+            return sum(jnp.sum(jnp.sin(o.astype(jnp.float32)) * (i + 1)) for i, o in enumerate(outs))
+
+        g1 = nnx.grad(lambda ds: loss(ds, True))(denses)
+        g2 = nnx.grad(lambda ds: loss(ds, False))(denses)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+            np.testing.assert_allclose(a, b, atol=10 * tol, rtol=10 * tol)
+    with pytest.raises(ValueError, match="must agree"):
+        layers.dense_group(x, layers.dense(16, 24, ("embed", "mlp"), rngs=rngs),
+                           layers.dense(16, 24, ("embed", "mlp"), rngs=rngs, use_bias=False))
+
+
 def test_rows_of_entities_equals_the_gather():
     """Static sorted maps become broadcasts (runs of equal-sized entities); others stay a gather; same values."""
     values = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 5))

@@ -125,7 +125,8 @@ class GeGluMlp(nnx.Module):
 
     def __call__(self, x):
         x = self.norm(x).astype(x.dtype)
-        return self.w2(vit.gelu_exact(self.w0(x)) * self.w1(x))
+        gate, value = layers.dense_group(x, self.w0, self.w1)
+        return self.w2(vit.gelu_exact(gate) * value)
 
 
 class Block(nnx.Module):
