@@ -67,15 +67,32 @@ ratios of 0.39 (DiT) and 0.13 (xAR). ``--xar=off`` skips xAR; ``--xar_barrier=of
 and with ``layers.grad_fusion_barrier`` at each block input (no change: largest fusion 423 instructions
 either way, so xAR has no barrier); ``--xar_dropout=bernoulli,packed`` compiles it with one
 ``jax.random.bernoulli`` float per dropout element (as before) and with ``layers.dropout``'s two 16-bit
-masks per threefry word. Measured interleaved on the quiet machine (``--models=S --torch_ref=PATH
+masks per threefry word, drawn by ``layers.random_bits`` (``jax.random.bits``' words bit for bit, unrolled:
+jax lowers threefry on CPU as a rolled loop, a pass over the whole counter array per key-schedule group).
+Measured interleaved on the quiet machine (``--models=S --torch_ref=PATH
 --xar_dropout=bernoulli,packed --steps=5``): DiT-S/2 2.77 s / diffusers 2.37 s = 1.17 wall, 1.12 CPU;
 model FLOP/s / matmul FLOP/s 0.57 (0.59 per CPU-second). xAR (width 128, batch 8): bernoulli 1.00 s /
 upstream 0.99 s = 1.02; packed (with the per-entity rows broadcast, ``models.xar.rows_of_entities``)
 0.94 s / 1.07 s = 0.89 wall, 0.81 CPU; 0.29 of the matmul FLOP/s. Dropout's 36.3M mask elements take
-0.81 s of CPU on their own with bernoulli, 0.49 s packed. In a ``jax.profiler`` trace of the DiT-S/2 step
+0.81 s of CPU on their own with bernoulli, 0.49 s packed through ``jax.random.bits``, 0.13-0.17 s packed
+through ``layers.random_bits``. With that and ``layers.dense_group`` (SwiGLU's fc1_g and fc1_x as one
+682-wide dot, 1.3x the rate of two 341-wide ones), in three runs: xAR 1027 / 1214 ms = 0.85 (0.77 CPU),
+975 / 1179 ms = 0.83 (0.76 CPU; ``--steps=12``), 795 / 897 ms = 0.89 (0.82 CPU; same run: bernoulli 0.94,
+DiT-S/2 3.35 / 2.93 s = 1.14, 0.52 of the matmul rate); 0.32-0.34 of the matmul FLOP/s.
+
+The reference line also prints the matmul floor: the model's FLOPs at the run's matmul rate with nothing
+else (no softmax, norm, GELU, optimizer), over the reference's step, and the fraction of the matmul rate
+that a ratio of 0.8 would need. DiT-S/2: 290.7 GFLOP at 168 GFLOP/s = 1.73 s = 0.59 of diffusers' step,
+so 0.8 needs 0.74 of the matmul rate in the whole train step; diffusers itself reaches 0.59 of it (torch's
+elementwise kernels are not free either). xAR: floor 0.26-0.31, needs 0.32-0.38 (ours 0.32-0.34). At
+width 384 (``--xar_width=384 --xar_heads=6``, 43.6M params): 4.17 / 4.80 s = 0.87 (0.85 CPU), 0.54 of the
+matmul rate. In a ``jax.profiler`` trace of the DiT-S/2 step
 ~2.1 of its 2.8 s are dots (YNNPACK, and Eigen for the transposed-operand weight and attention gradients)
-near this machine's matmul rate; the rest are XLA:CPU loop fusions, each a one-thread thunk (the step on
-one core takes 4.8 s, on two 2.9 s). ``--xla_flags`` tried without an effect beyond the noise: oneDNN,
+near this machine's matmul rate; the rest are XLA:CPU loop fusions, the larger of which XLA splits in two
+across the cores (``outer_dimension_partitions``; 1,030 of xAR's 2,583, nearly all of their time), the
+small ones on one thread (the DiT-S/2 step on one core takes 4.8 s, on two 2.9 s; xAR 1.42 s and 1.04 s).
+A trace of xAR on two cores puts 0.54 s of its ~1.0 s in the dots at 96 GFLOP/s (the same dots on one
+core: 0.80 s at 65 GFLOP/s; isolated, 2048x128x682 runs at 162 GFLOP/s on two cores and 78 on one). ``--xla_flags`` tried without an effect beyond the noise: oneDNN,
 XNNPACK, YNNPACK fusion types (dot, eltwise, reduce), fusion emitters off, vector width 512, fast math;
 and, interleaved with diffusers (``--models=S --xar=off --steps=3``, ours / diffusers 1.11 without a flag):
 ``--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME`` 1.19, ``--xla_cpu_scheduler_type=
@@ -586,6 +603,13 @@ def print_against_reference(ours: dict, name: str) -> None:
           f"({ref['params'] / 1e6:.2f}M params, torch {ref['threads']} threads) = {ours['step'] / ref['step']:.2f} "
           f"(target <= 0.8); process CPU time {ours['cpu_step']:.2f} s / {ref['cpu_step']:.2f} s = "
           f"{ours['cpu_step'] / ref['cpu_step']:.2f}; torch model FLOP/s {ours['model_gflop'] / ref['step']:.1f} GFLOP/s",
+          flush=True)
+    # The floor: every model FLOP at this run's matmul rate and nothing else (no softmax, norm, GELU, optimizer).
+    floor_s = ours["model_gflop"] / (ours["mm_tflops"] * 1e3)
+    floor = floor_s / ref["step"]
+    print(f"  matmul floor: {ours['model_gflop']:.1f} GFLOP at {ours['mm_tflops'] * 1e3:.1f} GFLOP/s = "
+          f"{floor_s * 1e3:.0f} ms = {floor:.2f} of {name}'s step; a ratio <= 0.8 needs model FLOP/s >= "
+          f"{floor / 0.8:.2f} of the matmul rate ({name}: {ours['model_gflop'] / ref['step'] / (ours['mm_tflops'] * 1e3):.2f})",
           flush=True)
 
 

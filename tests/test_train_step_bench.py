@@ -58,3 +58,15 @@ def test_bad_flags_fail_before_compiling(tmp_path):
     assert proc.returncode == 2 and "--xar_dropout=float" in proc.stdout
     proc = run_python(["benchmarks/train_step.py", f"--torch_ref={tmp_path}"], check=False, timeout=120)
     assert proc.returncode != 0 and "no models/xar.py there" in proc.stdout
+
+
+def test_reference_line_states_the_matmul_floor(capsys):
+    """The floor: the model's FLOPs at the run's matmul rate over the reference's step, and the model-FLOP/s
+    fraction that a ratio of 0.8 would need (here 40 GFLOP at 200 GFLOP/s = 0.2 s of a 1 s step)."""
+    bench = _train_step()
+    ours = {"model": "m", "batch": 2, "step": 0.9, "params": 1e6, "cpu_step": 1.5, "model_gflop": 40.0,
+            "mm_tflops": 0.2, "ref": {"steps": 3, "step": 1.0, "params": 1e6, "threads": 2, "cpu_step": 2.0}}
+    bench.print_against_reference(ours, "ref")
+    out = capsys.readouterr().out
+    assert "= 0.90 (target <= 0.8)" in out
+    assert "200 ms = 0.20 of ref's step" in out and ">= 0.25 of the matmul rate (ref: 0.20)" in out
