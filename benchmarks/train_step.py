@@ -92,8 +92,8 @@ near this machine's matmul rate; the rest are XLA:CPU loop fusions, the larger o
 across the cores (``outer_dimension_partitions``; 1,030 of xAR's 2,583, nearly all of their time), the
 small ones on one thread (the DiT-S/2 step on one core takes 4.8 s, on two 2.9 s; xAR 1.42 s and 1.04 s).
 A trace of xAR on two cores puts 0.54 s of its ~1.0 s in the dots at 96 GFLOP/s (the same dots on one
-core: 0.80 s at 65 GFLOP/s; isolated, 2048x128x682 runs at 162 GFLOP/s on two cores and 78 on one). ``--xla_flags`` tried without an effect beyond the noise: oneDNN,
-XNNPACK, YNNPACK fusion types (dot, eltwise, reduce), fusion emitters off, vector width 512, fast math;
+core: 0.80 s at 65 GFLOP/s; isolated, 2048x128x682 runs at 162 GFLOP/s on two cores and 78 on one).
+``--xla_flags`` tried without an effect beyond the noise: oneDNN, XNNPACK, YNNPACK fusion types (dot, eltwise, reduce), fusion emitters off, vector width 512, fast math;
 and, interleaved with diffusers (``--models=S --xar=off --steps=3``, ours / diffusers 1.11 without a flag):
 ``--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME`` 1.19, ``--xla_cpu_scheduler_type=
 CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED`` 1.19, ``--xla_cpu_enable_concurrency_optimized_scheduler`` 1.08,
@@ -588,7 +588,9 @@ def xar_bench(width: int, heads: int, batch: int, steps: int, warmup: int, matmu
     peak = max(mm.values())
     largest_fusion, fused_total = fusion_stats(compiled)
     return dict(ref=ref.take() if ref is not None else None,
-                ratio_cpu=cpu_ratio(model_flops, float(np.median(cpu)), matmuls), model="xAR" + ("" if barrier else " nobarrier") + ("" if dropout_impl == "packed" else f" {dropout_impl}"), params=n_params, step=step,
+                ratio_cpu=cpu_ratio(model_flops, float(np.median(cpu)), matmuls),
+                model="xAR" + ("" if barrier else " nobarrier") + ("" if dropout_impl == "packed" else f" {dropout_impl}"),
+                params=n_params, step=step,
                 largest_fusion=largest_fusion, fused_total=fused_total,
                 cpu_step=float(np.median(cpu)), model_gflop=model_flops / 1e9, xla_gflop=_xla_flops(compiled) / 1e9,
                 mm=mm, mm_tflops=peak / 1e12, model_tflops=model_flops / step / 1e12,

@@ -120,7 +120,8 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a typed key: jax.random.key(...)
         threefry = key.shape == () and jax.random.key_impl(key) == "threefry2x32"
     else:  # a raw key, jax.random.PRNGKey(...): its meaning is the default implementation's
-        threefry = key.shape == (2,) and key.dtype == jnp.uint32 and jax.config.jax_default_prng_impl == "threefry2x32"
+        threefry = (key.shape == (2,) and key.dtype == jnp.uint32
+                    and jax.config.jax_default_prng_impl == "threefry2x32")
     if not threefry or not jax.config.jax_threefry_partitionable or not shape or math.prod(shape) >= 2**32:
         return jax.random.bits(key, shape, jnp.uint32)
     u32 = jnp.uint32
