@@ -236,7 +236,9 @@ def test_ode_samplers_agree_with_and_without_cache(tiny, method):
     labels = jnp.array([1, 2], jnp.int32)
     a = _sample(model, labels, num_steps=2, cfg_scale=1.5, method=method, use_cache=True)
     b = _sample(model, labels, num_steps=2, cfg_scale=1.5, method=method, use_cache=False)
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)  # float32 rounding of two summation orders
+    # float32 rounding of two summation orders, at the scale of the samples (|x| up to ~13 after Heun with
+    # guidance; an element near 0 carries the rounding of the large ones it was computed with)
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()), rtol=1e-5)
 
 
 def test_guidance_scale_one_equals_no_guidance(tiny):
