@@ -104,8 +104,11 @@ class LayerNorm(nnx.Module):
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def random_bits(key: jax.Array, shape: tuple[int, ...], *, within=None) -> jax.Array:
     """``jax.random.bits(key, shape, jnp.uint32)``, bit for bit, as one fusible elementwise expression.
+
+    ``within=(full_shape, offset)``: the window ``[offset, offset + shape)`` of
+    ``jax.random.bits(key, full_shape)``, drawn without the rest (attention on key prefixes).
 
     jax lowers threefry on CPU as a rolled loop (``fori_loop`` over its five key-schedule groups, to keep
     compiles short): each iteration is a separate pass over the whole counter array, and nothing fuses
@@ -122,13 +125,19 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     else:  # a raw key, jax.random.PRNGKey(...): its meaning is the default implementation's
         threefry = (key.shape == (2,) and key.dtype == jnp.uint32
                     and jax.config.jax_default_prng_impl == "threefry2x32")
-    if not threefry or not jax.config.jax_threefry_partitionable or not shape or math.prod(shape) >= 2**32:
-        return jax.random.bits(key, shape, jnp.uint32)
+    shape = tuple(shape)
+    full_shape, offset = (shape, (0,) * len(shape)) if within is None else (tuple(within[0]), tuple(within[1]))
+    if len(full_shape) != len(shape) or any(o < 0 or o + n > f for o, n, f in zip(offset, shape, full_shape)):
+        raise ValueError(f"random_bits: window {shape} at {offset} is not inside {full_shape}")
+    if not threefry or not jax.config.jax_threefry_partitionable or not shape or math.prod(full_shape) >= 2**32:
+        bits = jax.random.bits(key, full_shape, jnp.uint32)
+        return bits if within is None else bits[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
     u32 = jnp.uint32
     k = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     ks = (k[0], k[1], k[0] ^ k[1] ^ u32(0x1BD11BDA))
-    strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1]
-    count = sum(jax.lax.broadcasted_iota(u32, shape, d) * u32(int(st)) for d, st in enumerate(strides))
+    strides = np.cumprod((full_shape[1:] + (1,))[::-1])[::-1]
+    count = sum((jax.lax.broadcasted_iota(u32, shape, d) + u32(o)) * u32(int(st))
+                for d, (o, st) in enumerate(zip(offset, strides)))
     x0, x1 = jnp.broadcast_to(ks[0], shape), count + ks[1]
     for group in range(5):
         for r in _THREEFRY_ROTATIONS[group % 2]:
@@ -139,8 +148,11 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x0 ^ x1
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *, within=None) -> jax.Array:
     """Inverted dropout; the identity when rate is 0 or no rng is given (evaluation, sampling).
+
+    ``within=(full_shape, offset)``: ``x`` is the window ``[offset, offset + x.shape)`` of a larger array
+    (its last-axis offset even), and gets that window of the larger array's mask.
 
     An element is dropped when a 16-bit uniform integer is below ``round(rate * 2**16)`` (the drop rate
     within 2**-17 of ``rate``); kept elements are divided by that exact keep probability, so the
@@ -158,7 +170,13 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     keep_prob = 1.0 - threshold / 2**16
     shape = x.shape if x.ndim else (1,)
     n = shape[-1]
-    words = random_bits(rng, shape[:-1] + ((n + 1) // 2,))
+    word_window = None
+    if within is not None:
+        full_shape, offset = tuple(within[0]), tuple(within[1])
+        if offset[-1] % 2:
+            raise ValueError(f"dropout: a window's last-axis offset must be even, got {offset}")
+        word_window = (full_shape[:-1] + ((full_shape[-1] + 1) // 2,), offset[:-1] + (offset[-1] // 2,))
+    words = random_bits(rng, shape[:-1] + ((n + 1) // 2,), within=word_window)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape[:-1] + (2 * ((n + 1) // 2),))
     keep = (halves[..., :n] >= threshold).reshape(x.shape)
     return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
@@ -270,16 +288,46 @@ class LabelEmbedder(nnx.Module):
         return self.embedding(labels)
 
 
+def key_prefix_runs(mask, max_runs: int = 8) -> list[tuple[int, int, int]] | None:
+    """Runs ``(first row, end row, L)`` of consecutive query rows that attend to exactly the keys [0, L),
+    when a static (numpy) (Nq, Nk) mask is made of at most ``max_runs`` of them (xAR's entity-causal mask:
+    one run per entity); otherwise None (a traced mask, any other structure, an empty row)."""
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.dtype != bool:
+        return None
+    lengths = mask.sum(axis=1)
+    if lengths.min() == 0 or not np.array_equal(mask, np.arange(mask.shape[1])[None, :] < lengths[:, None]):
+        return None
+    starts = np.flatnonzero(np.diff(lengths, prepend=-1))
+    if len(starts) > max_runs:
+        return None
+    ends = np.append(starts[1:], mask.shape[0])
+    return [(int(a), int(b), int(lengths[a])) for a, b in zip(starts, ends)]
+
+
 def attention_weights_and_values(q, k, v, mask=None, dropout_rate: float = 0.0, dropout_rng=None):
     """Softmax attention in float32. q (B, H, Nq, d), k/v (B, H, Nk, d); mask broadcastable to (B, H, Nq, Nk).
 
     ``dropout_rate``/``dropout_rng``: dropout on the attention weights (torch SDPA ``dropout_p``, training).
+    A static mask made of key prefixes (``key_prefix_runs``) is computed run by run on the keys each run
+    sees, skipping the masked blocks: the same weights (a masked key's weight is exactly 0) and the same
+    dropout masks (each run draws its window of the full mask); xAR's 4-entity training mask skips 37.5%
+    of the scores, 7% of its CPU train step.
     """
+    runs = key_prefix_runs(mask)
+    if runs is not None:
+        full = q.shape[:3] + (k.shape[2],)
+        outs = [_softmax_attention(q[:, :, a:b], k[:, :, :n], v[:, :, :n], None, dropout_rate, dropout_rng,
+                                   (full, (0, 0, a, 0))) for a, b, n in runs]
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return _softmax_attention(q, k, v, mask, dropout_rate, dropout_rng, None)
+
+
+def _softmax_attention(q, k, v, mask, dropout_rate, dropout_rng, within):
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_rng)
+    weights = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_rng, within=within)
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(jnp.float32)).astype(v.dtype)
 
 
@@ -385,8 +433,7 @@ def dot_product_attention(q, k, v, mask=None, *, kv_valid=None, impl: str = "xla
         valid = jnp.asarray(kv_valid, bool)[None, :]
         mask = valid if mask is None else jnp.asarray(mask) & valid
     if impl == "xla" or (dropout_rate > 0.0 and dropout_rng is not None):
-        return attention_weights_and_values(q, k, v, None if mask is None else jnp.asarray(mask), dropout_rate,
-                                            dropout_rng)
+        return attention_weights_and_values(q, k, v, mask, dropout_rate, dropout_rng)  # a numpy mask stays static
     return _nn_attention(q, k, v, mask, "cudnn")
 
 

@@ -50,6 +50,52 @@ def _check_against_xla(fn, mask, nq, nk):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
 
 
+def test_key_prefix_runs_of_masks():
+    runs = layers.key_prefix_runs(_cell_mask())  # 16 tokens, 4 cells of 4
+    assert runs == [(0, 4, 4), (4, 8, 8), (8, 12, 12), (12, 16, 16)]
+    cached = np.concatenate([np.ones((4, 3), bool), np.tril(np.ones((4, 4), bool))], axis=1)
+    assert layers.key_prefix_runs(cached) == [(0, 1, 4), (1, 2, 5), (2, 3, 6), (3, 4, 7)]
+    assert layers.key_prefix_runs(np.ones((3, 5), bool)) == [(0, 3, 5)]
+    assert layers.key_prefix_runs(np.tril(np.ones((9, 9), bool))) is None  # 9 runs > 8
+    assert layers.key_prefix_runs(np.tril(np.ones((9, 9), bool)), max_runs=9) is not None
+    assert layers.key_prefix_runs(np.triu(np.ones((4, 4), bool))) is None  # suffixes, not prefixes
+    assert layers.key_prefix_runs(np.zeros((2, 2), bool)) is None  # an empty row keeps the reference's rule
+    assert layers.key_prefix_runs(jnp.ones((2, 2), bool)) is None  # traced / device masks: the full path
+
+
+def test_key_prefix_runs_attention_is_the_masked_reference_with_the_same_dropout():
+    """A static prefix-run mask is attended run by run: the values and gradients of the full masked
+    computation (traced mask), and with dropout on the weights the very same masks."""
+    mask = _cell_mask()
+    _check_against_xla(lambda q, k, v: layers.attention_weights_and_values(q, k, v, mask), mask, 16, 16)
+    q, k, v = _qkv(16, 16, seed=3)
+    rng = jax.random.PRNGKey(4)
+    for rate in (0.3, 0.5):
+        full = jax.jit(lambda q, k, v: layers.attention_weights_and_values(q, k, v, jnp.asarray(mask), rate, rng))
+        runs = jax.jit(lambda q, k, v: layers.attention_weights_and_values(q, k, v, mask, rate, rng))
+        np.testing.assert_allclose(runs(q, k, v), full(q, k, v), atol=2e-5, rtol=2e-5)
+    with_dropout = layers.attention_weights_and_values(q, k, v, mask, 0.5, rng)
+    assert float(jnp.abs(with_dropout - layers.attention_weights_and_values(q, k, v, mask)).max()) > 1e-2
+
+
+def test_dropout_window_is_the_window_of_the_full_mask():
+    x = jnp.ones((2, 3, 10, 7))
+    rng = jax.random.PRNGKey(8)
+    full = layers.dropout(x, 0.5, rng)
+    part = layers.dropout(x[:, :, 4:9, :5], 0.5, rng, within=(x.shape, (0, 0, 4, 0)))
+    np.testing.assert_array_equal(part, full[:, :, 4:9, :5])
+    bits = jax.random.bits(rng, (4, 6, 9), jnp.uint32)
+    np.testing.assert_array_equal(layers.random_bits(rng, (2, 3, 4), within=((4, 6, 9), (1, 2, 5))),
+                                  bits[1:3, 2:5, 5:9])
+    rbg = jax.random.key(1, impl="rbg")  # the fallback slices jax.random.bits itself
+    np.testing.assert_array_equal(layers.random_bits(rbg, (2, 2), within=((3, 4), (1, 2))),
+                                  jax.random.bits(rbg, (3, 4), jnp.uint32)[1:, 2:])
+    with pytest.raises(ValueError, match="even"):
+        layers.dropout(x[..., 1:], 0.5, rng, within=(x.shape, (0, 0, 0, 1)))
+    with pytest.raises(ValueError, match="not inside"):
+        layers.random_bits(rng, (2, 3), within=((2, 3), (1, 0)))
+
+
 def test_pallas_splash_static_block_mask():
     mask = _cell_mask()  # 16 tokens, 4 cells: query entity >= key entity
     _check_against_xla(lambda q, k, v: layers.dot_product_attention(q, k, v, mask, impl="pallas"), mask, 16, 16)
