@@ -78,13 +78,18 @@ upstream 0.99 s = 1.02; packed (with the per-entity rows broadcast, ``models.xar
 through ``layers.random_bits``. With that and ``layers.dense_group`` (SwiGLU's fc1_g and fc1_x as one
 682-wide dot, 1.3x the rate of two 341-wide ones), in three runs: xAR 1027 / 1214 ms = 0.85 (0.77 CPU),
 975 / 1179 ms = 0.83 (0.76 CPU; ``--steps=12``), 795 / 897 ms = 0.89 (0.82 CPU; same run: bernoulli 0.94,
-DiT-S/2 3.35 / 2.93 s = 1.14, 0.52 of the matmul rate); 0.32-0.34 of the matmul FLOP/s.
+DiT-S/2 3.35 / 2.93 s = 1.14, 0.52 of the matmul rate); 0.32-0.34 of the matmul FLOP/s. Then attention on
+key-prefix runs (``layers.key_prefix_runs``: the entity-causal mask's masked score blocks, 37.5% of them at
+4 entities, are skipped; same weights and dropout masks; -11% in an interleaved A/B with identical loss):
+xAR 769 / 1059 ms = 0.73 (0.68 CPU; ``--steps=8``, bernoulli in the same run 0.92) and 773 / 1089 ms =
+0.71 (0.68 CPU; ``--steps=12``): the <= 0.8 target is met for xAR. 0.37-0.38 of the matmul FLOP/s in the
+dense-score convention (52.1 GFLOP), 0.34 in executed FLOPs (47.2 GFLOP).
 
 The reference line also prints the matmul floor: the model's FLOPs at the run's matmul rate with nothing
 else (no softmax, norm, GELU, optimizer), over the reference's step, and the fraction of the matmul rate
 that a ratio of 0.8 would need. DiT-S/2: 290.7 GFLOP at 168 GFLOP/s = 1.73 s = 0.59 of diffusers' step,
 so 0.8 needs 0.74 of the matmul rate in the whole train step; diffusers itself reaches 0.59 of it (torch's
-elementwise kernels are not free either). xAR: floor 0.26-0.31, needs 0.32-0.38 (ours 0.32-0.34). At
+elementwise kernels are not free either). xAR: floor 0.26-0.31, needs 0.32-0.38 (ours 0.37-0.38). At
 width 384 (``--xar_width=384 --xar_heads=6``, 43.6M params): 4.17 / 4.80 s = 0.87 (0.85 CPU), 0.54 of the
 matmul rate. In a ``jax.profiler`` trace of the DiT-S/2 step
 ~2.1 of its 2.8 s are dots (YNNPACK, and Eigen for the transposed-operand weight and attention gradients)
