@@ -80,7 +80,8 @@ through ``layers.random_bits``. With that and ``layers.dense_group`` (SwiGLU's f
 975 / 1179 ms = 0.83 (0.76 CPU; ``--steps=12``), 795 / 897 ms = 0.89 (0.82 CPU; same run: bernoulli 0.94,
 DiT-S/2 3.35 / 2.93 s = 1.14, 0.52 of the matmul rate); 0.32-0.34 of the matmul FLOP/s. Then attention on
 key-prefix runs (``layers.key_prefix_runs``: the entity-causal mask's masked score blocks, 37.5% of them at
-4 entities, are skipped; same weights and dropout masks; -11% in an interleaved A/B with identical loss):
+4 entities, are skipped, and dropout draws 30.0M mask elements instead of 36.3M; same weights and dropout
+masks; -11% in an interleaved A/B with identical loss):
 xAR 769 / 1059 ms = 0.73 (0.68 CPU; ``--steps=8``, bernoulli in the same run 0.92) and 773 / 1089 ms =
 0.71 (0.68 CPU; ``--steps=12``): the <= 0.8 target is met for xAR. 0.37-0.38 of the matmul FLOP/s in the
 dense-score convention (52.1 GFLOP), 0.34 in executed FLOPs (47.2 GFLOP).
@@ -98,7 +99,8 @@ across the cores (``outer_dimension_partitions``; 1,030 of xAR's 2,583, nearly a
 small ones on one thread (the DiT-S/2 step on one core takes 4.8 s, on two 2.9 s; xAR 1.42 s and 1.04 s).
 A trace of xAR on two cores puts 0.54 s of its ~1.0 s in the dots at 96 GFLOP/s (the same dots on one
 core: 0.80 s at 65 GFLOP/s; isolated, 2048x128x682 runs at 162 GFLOP/s on two cores and 78 on one).
-``--xla_flags`` tried without an effect beyond the noise: oneDNN, XNNPACK, YNNPACK fusion types (dot, eltwise, reduce), fusion emitters off, vector width 512, fast math;
+``--xla_flags`` tried without an effect beyond the noise: oneDNN, XNNPACK, YNNPACK fusion types (dot,
+eltwise, reduce), fusion emitters off, vector width 512, fast math;
 and, interleaved with diffusers (``--models=S --xar=off --steps=3``, ours / diffusers 1.11 without a flag):
 ``--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME`` 1.19, ``--xla_cpu_scheduler_type=
 CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED`` 1.19, ``--xla_cpu_enable_concurrency_optimized_scheduler`` 1.08,
@@ -487,12 +489,26 @@ def xar_forward_flops(m, layout, executed: bool = False) -> float:
     return float(t * per_token + depth * 4 * scores * d + e * per_entity)
 
 
-def xar_dropout_draws(width: int, heads: int, batch: int, depth: int = 16, tokens: int = 256) -> int:
+def xar_dropout_draws(width: int, heads: int, batch: int, depth: int = 16, tokens: int = 256,
+                      scores: int | None = None) -> int:
     """Bernoulli draws of one xAR train step's dropout (upstream main_mar.py: attention and projection
-    dropout 0.1): per block the attention weights (B, H, T, T), after the attention projection (B, T, D),
-    after the MLP's gate product (B, T, h) and after its fc2 (B, T, D)."""
+    dropout 0.1): per block the attention weights (B, H, ``scores``; T^2 dense, fewer where the key-prefix
+    runs skip the masked blocks), after the attention projection (B, T, D), after the MLP's gate product
+    (B, T, h) and after its fc2 (B, T, D)."""
     h = int(width * 4.0 * 2 / 3)
-    return depth * batch * (heads * tokens * tokens + 2 * tokens * width + tokens * h)
+    scores = tokens * tokens if scores is None else scores
+    return depth * batch * (heads * scores + 2 * tokens * width + tokens * h)
+
+
+def xar_attention_scores() -> int:
+    """Attention scores per head our xAR step computes at the benchmark's layout (configs/xar_b.py, 256
+    tokens in 4 entities): the key-prefix runs of its entity-causal mask (0.625 of T^2)."""
+    from configs import xar_b
+    from models import layers
+
+    mask = get_method(xar_b.get_config()).layout().mask()
+    runs = layers.key_prefix_runs(mask)
+    return sum((b - a) * n for a, b, n in runs) if runs else mask.size
 
 
 def bernoulli_dropout(x, rate, rng, *, within=None):
@@ -723,8 +739,9 @@ def main():
     if xar_ref is not None:
         xar_ref.close()
     if xar_rows:
-        draws = xar_dropout_draws(args.xar_width, args.xar_heads, args.xar_batch)
-        print(f"\nxAR dropout: {draws / 1e6:.1f}M mask elements per step take, on their own, "
+        draws = xar_dropout_draws(args.xar_width, args.xar_heads, args.xar_batch, scores=xar_attention_scores())
+        print(f"\nxAR dropout: {draws / 1e6:.1f}M mask elements per step (attention weights on the key-prefix "
+              f"runs) take, on their own, "
               + ", ".join(f"{impl} {dropout_draw_cpu_seconds(draws, impl):.2f} s" for impl in ("bernoulli", "packed"))
               + " of process CPU time (bernoulli: one threefry float per element; packed: layers.dropout, two "
               "16-bit integers per threefry word)", flush=True)

@@ -120,7 +120,8 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], *, within=None) -> jax.A
     take this path; any other key (another PRNG implementation, non-partitionable threefry, 2**32 elements
     or more) goes to ``jax.random.bits`` itself.
     """
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a typed key: jax.random.key(...)
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if typed:  # jax.random.key(...)
         threefry = key.shape == () and jax.random.key_impl(key) == "threefry2x32"
     else:  # a raw key, jax.random.PRNGKey(...): its meaning is the default implementation's
         threefry = (key.shape == (2,) and key.dtype == jnp.uint32
@@ -133,7 +134,7 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], *, within=None) -> jax.A
         bits = jax.random.bits(key, full_shape, jnp.uint32)
         return bits if within is None else bits[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
     u32 = jnp.uint32
-    k = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    k = jax.random.key_data(key) if typed else key
     ks = (k[0], k[1], k[0] ^ k[1] ^ u32(0x1BD11BDA))
     strides = np.cumprod((full_shape[1:] + (1,))[::-1])[::-1]
     count = sum((jax.lax.broadcasted_iota(u32, shape, d) + u32(o)) * u32(int(st))
