@@ -91,16 +91,9 @@ class LiTAttention(nnx.Module):
         self.proj = layers.dense(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
-        b, n, c = x.shape
-        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
+        q, k, v = layers.split_heads(self.qkv(x), 3, self.num_heads)
         out = lit_linear_attention(q, k, v, impl=self.impl).astype(v.dtype) + self.dwc(v)
         return self.proj(_merge_heads(out))
-
-
-def _split_heads(x, parts: int, heads: int):
-    b, n, c = x.shape
-    x = x.reshape(b, n, parts, heads, c // (parts * heads))
-    return tuple(jnp.moveaxis(x, (2, 3), (0, 2)))  # each (B, H, N, d)
 
 
 def _merge_heads(x):
@@ -208,10 +201,10 @@ class DyDiLA(nnx.Module):
         return jnp.einsum("bhnk,hk->bhn", g, self.lambdas[...])[..., None], g
 
     def __call__(self, x, *, return_routing: bool = False):
-        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
+        q, k, v = layers.split_heads(self.qkv(x), 3, self.num_heads)
         qp, gq = self.redundancy(x, 0)
         kp, gk = self.redundancy(x, 1)
-        qp, kp = (_split_heads(a, 1, self.num_heads)[0] for a in (qp, kp))
+        qp, kp = (layers.split_heads(a, 1, self.num_heads)[0] for a in (qp, kp))
         (qt, g0), (kt, g1), (qpt, g2), (kpt, g3) = (self.kernel(z, i) for i, z in enumerate((q, k, qp, kp)))
         lq, gl_q = self.differential_lambda(qt, qpt, 0)
         lk, gl_k = self.differential_lambda(kt, kpt, 1)

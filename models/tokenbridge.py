@@ -67,7 +67,7 @@ CFG_SCHEDULES = ("linear", "constant")
 
 
 def _exact_gelu(x):
-    return nnx.gelu(x, approximate=False)
+    return layers.gelu(x, approximate=False)
 
 
 # ----------------------------------------------------------------------------- the quantizer

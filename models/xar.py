@@ -193,7 +193,7 @@ class GatedMlp(nnx.Module):
     def __call__(self, x: jax.Array, rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
         """``rate``: dropout after the gate product (timm SwiGLU drop1); fc2's dropout is the caller's."""
         gate, value = layers.dense_group(x, self.fc1_g, self.fc1_x)
-        return self.fc2(dropout(nnx.gelu(gate, approximate=False) * value, rate, rng))
+        return self.fc2(dropout(layers.gelu(gate, approximate=False) * value, rate, rng))
 
 
 # RMSNorm with a learned weight (upstream z_proj_ln, encoder_norm, decoder_norm), eps 1e-6.

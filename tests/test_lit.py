@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import diffusion, dit, lit
+from models import diffusion, dit, layers, lit
 from tests.conftest import _tiny_run, run_python
 from trainers.method import ModelDef, get_method
 
@@ -50,7 +50,7 @@ def test_dydila_with_one_projector_power_one_and_lambda_zero_is_lit_attention():
 def test_lit_attention_is_normalised_relu_linear_attention_plus_dwc():
     attn = lit.LiTAttention(32, 2, grid_size=4, impl="xla", rngs=nnx.Rngs(0))
     x = _x()
-    q, k, v = lit._split_heads(attn.qkv(x), 3, 2)
+    q, k, v = layers.split_heads(attn.qkv(x), 3, 2)
     q, k = jax.nn.relu(q), jax.nn.relu(k)
     kv = jnp.einsum("bhnd,bhne->bhde", k, v) / 16
     den = jnp.einsum("bhnd,bhd->bhn", q, k.mean(2))[..., None] + 1e-6

@@ -36,10 +36,10 @@ from trainers import sharding  # noqa: F401  (sets flax_always_shard_variable=Fa
 
 def gelu_exact(x):
     """GELU with erf (torch ``nn.GELU()`` default)."""
-    return nnx.gelu(x, approximate=False)
+    return layers.gelu(x, approximate=False)
 
 
-ACTIVATIONS: dict[str, Callable] = {"gelu": gelu_exact, "gelu_tanh": lambda x: nnx.gelu(x, approximate=True),
+ACTIVATIONS: dict[str, Callable] = {"gelu": gelu_exact, "gelu_tanh": layers.gelu,
                                     "relu": nnx.relu, "silu": nnx.silu,
                                     "quick_gelu": lambda x: x * nnx.sigmoid(1.702 * x)}  # OpenAI CLIP
 
@@ -106,8 +106,7 @@ class MultiheadAttention(nnx.Module):
         value = key if value is None else value
         if key is query and value is query:  # self-attention: one fused projection
             b, n, _ = query.shape
-            qkv = self.in_proj(query).reshape(b, n, 3, self.num_heads, self.width // self.num_heads)
-            q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
+            q, k, v = layers.split_heads(self.in_proj(query), 3, self.num_heads)
         else:
             q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
         out = layers.attention_weights_and_values(q, k, v, mask)
