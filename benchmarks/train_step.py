@@ -84,7 +84,19 @@ key-prefix runs (``layers.key_prefix_runs``: the entity-causal mask's masked sco
 masks; -11% in an interleaved A/B with identical loss):
 xAR 769 / 1059 ms = 0.73 (0.68 CPU; ``--steps=8``, bernoulli in the same run 0.92) and 773 / 1089 ms =
 0.71 (0.68 CPU; ``--steps=12``): the <= 0.8 target is met for xAR. 0.37-0.38 of the matmul FLOP/s in the
-dense-score convention (52.1 GFLOP), 0.34 in executed FLOPs (47.2 GFLOP).
+dense-score convention (52.1 GFLOP), 0.34 in executed FLOPs (47.2 GFLOP). Then closed-form derivatives in
+the shared layers: ``layers.softmax`` (the backward keeps p and computes p (g - sum g p); jax's default
+differentiates exp(x - max) / sum and keeps the exponentials and a broadcast 1 / sum of every score
+array), ``layers.gelu`` (gelu'(x) recomputed from x in the backward; jax keeps the tanh and its
+products, and XLA then computes the output in a second pass), ``layers.split_heads`` (q/k/v split by
+``jnp.split``, whose gradient is one concatenate; unpacking the permuted array pads each gradient to the
+whole (3, B, H, N, d) and XLA re-reads the three padded copies in each consumer). DiT-S/2's compiled step
+then moves 12.49 GB instead of 14.76 GB (``cost_analysis()["bytes accessed"]``; softmax -0.76, split
+-0.9, gelu -0.6) with 1,009 MB of temporaries instead of 1,463; interleaved A/B of the four compiled steps
+(old, new, old, new; 8 rounds): 0.93 of the step before (0.92 CPU), xAR 0.98; same losses. The run after
+(``--models=S --torch_ref=PATH --steps=8``): DiT-S/2 2928 / 2656 ms = 1.10 (1.06 CPU), 0.57 of the matmul
+rate (0.59 per CPU-second; per round 0.44..0.61); xAR 897 / 1285 ms = 0.70 (0.67 CPU), 0.40 (0.36 of
+executed FLOPs).
 
 The reference line also prints the matmul floor: the model's FLOPs at the run's matmul rate with nothing
 else (no softmax, norm, GELU, optimizer), over the reference's step, and the fraction of the matmul rate
@@ -107,8 +119,12 @@ CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED`` 1.19, ``--xla_cpu_enable_concurrency_
 ``--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`` 1.07,
 ``--xla_cpu_experimental_enable_tiling_propagation`` 1.23: all within this machine's run-to-run spread.
 Isolated dots of the DiT-S/2 shapes run at the same rate here and in torch (fc1 forward, its weight
-gradient contracting the token axis, its input gradient: 131-168 vs 125-131 GFLOP/s in one run), so the
-gap to diffusers is the one-thread elementwise work, not the matmuls.
+gradient contracting the token axis, its input gradient: 131-168 vs 125-131 GFLOP/s in one run), except
+attention's batched dots (B x H = 48 products of 256x64 by 64x256, 10% of the model FLOPs): 53-62 GFLOP/s
+(median of 8 rounds) through YNNPACK, 86-87 through Eigen (compiled with an empty
+``xla_cpu_experimental_ynn_fusion_type``), torch's ``bmm`` 70-102 (3 rounds, another run). The whole DiT-S/2 step on
+Eigen: 0.92 and 0.98 of the YNNPACK step in two interleaved A/Bs, within the spread, and Eigen raises
+the 2048^3 reference as well (180 vs 163 GFLOP/s median), so the ratio would not move.
 """
 
 from __future__ import annotations
