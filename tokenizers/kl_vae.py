@@ -91,7 +91,7 @@ class AttnBlock(nnx.Module):
         q = self.q(y).reshape(b, h * w, c)
         k = self.k(y).reshape(b, h * w, c)
         v = self.v(y).reshape(b, h * w, c)
-        attn = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
+        attn = layers.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5)
         out = jnp.einsum("bij,bjc->bic", attn, v).reshape(b, h, w, c)
         return x + self.proj_out(out)
 

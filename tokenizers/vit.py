@@ -105,7 +105,6 @@ class MultiheadAttention(nnx.Module):
         key = query if key is None else key
         value = key if value is None else value
         if key is query and value is query:  # self-attention: one fused projection
-            b, n, _ = query.shape
             q, k, v = layers.split_heads(self.in_proj(query), 3, self.num_heads)
         else:
             q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
