@@ -285,7 +285,9 @@ def table(rows: list[dict]) -> str:
                      f"{fits(r) or 'none of ' + str(HBM_GIB)}")
     if any(r.get("probe") == "d1/d2" for r in rows):
         lines.append("probe d1/d2: compiled with every block stack at depth 1 and each stack once at depth 2; temp "
-                     "and collectives extrapolated linearly per block to the full depth; params/opt/ema/args exact.")
+                     "and collectives extrapolated linearly per block to the full depth; params/opt/ema/args exact. "
+                     "Exact without remat (xAR-B 64x1: 12.36 GiB both ways); with --set model.remat=True it reads "
+                     "low (xAR-B 1.74 vs 2.34, xAR-L 3.48 vs 6.18 GiB): --full_depth gives the exact number.")
     return "\n".join(lines)
 
 

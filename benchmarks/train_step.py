@@ -122,8 +122,8 @@ Isolated dots of the DiT-S/2 shapes run at the same rate here and in torch (fc1 
 gradient contracting the token axis, its input gradient: 131-168 vs 125-131 GFLOP/s in one run), except
 attention's batched dots (B x H = 48 products of 256x64 by 64x256, 10% of the model FLOPs): 53-62 GFLOP/s
 (median of 8 rounds) through YNNPACK, 86-87 through Eigen (compiled with an empty
-``xla_cpu_experimental_ynn_fusion_type``), torch's ``bmm`` 70-102 (3 rounds, another run). The whole DiT-S/2 step on
-Eigen: 0.92 and 0.98 of the YNNPACK step in two interleaved A/Bs, within the spread, and Eigen raises
+``xla_cpu_experimental_ynn_fusion_type``), torch's ``bmm`` 70-102 (3 rounds, another run). The whole
+DiT-S/2 step on Eigen: 0.92 and 0.98 of the YNNPACK step in two interleaved A/Bs, within the spread, and Eigen raises
 the 2048^3 reference as well (180 vs 163 GFLOP/s median), so the ratio would not move.
 """
 
@@ -492,10 +492,7 @@ def xar_forward_flops(m, layout, executed: bool = False) -> float:
     ``executed``: attention counted over the scores our step computes (``layers.key_prefix_runs``: each
     entity's queries against the keys of its own and earlier entities; 0.625 of T^2 at 4 entities).
     """
-    from models import layers
-
-    runs = layers.key_prefix_runs(layout.mask()) if executed else None
-    scores = sum((b - a) * n for a, b, n in runs) if runs else layout.num_tokens ** 2
+    scores = xar_attention_scores(layout) if executed else layout.num_tokens ** 2
     d, c = m.hidden_size, m.in_channels * m.patch_size ** 2
     depth = m.encoder_depth + m.decoder_depth
     h = int(d * m.mlp_ratio * 2 / 3)
@@ -516,13 +513,13 @@ def xar_dropout_draws(width: int, heads: int, batch: int, depth: int = 16, token
     return depth * batch * (heads * scores + 2 * tokens * width + tokens * h)
 
 
-def xar_attention_scores() -> int:
-    """Attention scores per head our xAR step computes at the benchmark's layout (configs/xar_b.py, 256
-    tokens in 4 entities): the key-prefix runs of its entity-causal mask (0.625 of T^2)."""
+def xar_attention_scores(layout=None) -> int:
+    """Attention scores per head our xAR step computes at ``layout`` (default: the benchmark's, configs/xar_b.py,
+    256 tokens in 4 entities): the key-prefix runs of its entity-causal mask (0.625 of T^2 at 4 entities)."""
     from configs import xar_b
     from models import layers
 
-    mask = get_method(xar_b.get_config()).layout().mask()
+    mask = (layout or get_method(xar_b.get_config()).layout()).mask()
     runs = layers.key_prefix_runs(mask)
     return sum((b - a) * n for a, b, n in runs) if runs else mask.size
 

@@ -538,7 +538,8 @@ def _gelu_jvp(approximate, primals, tangents):
     (x,), (dx,) = primals, tangents
     # checkpointed: reverse mode keeps x (fc1's output, which exists anyway) and recomputes gelu'(x) in the
     # backward pass; without it, partial evaluation computes gelu'(x) in the forward pass and keeps it
-    tangent = jax.checkpoint(_gelu_tangent, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)
+    tangent = jax.checkpoint(_gelu_tangent, static_argnums=(2,),
+                             policy=jax.checkpoint_policies.nothing_saveable)
     return jax.nn.gelu(x, approximate=approximate), tangent(x, dx, approximate)
 
 
